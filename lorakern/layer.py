@@ -1,0 +1,171 @@
+"""LoRALinear: an nn.Linear with a frozen base and a trainable low-rank adapter (API.md "Layer")."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakern import init as lora_init
+from lorakern.ops.lora_linear import lora_linear
+
+
+def _check_float(value: object, name: str, low: float, high: float | None = None, high_open=False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    bad = not (value >= low) or (high is not None and (value >= high if high_open else value > high))
+    if bad:
+        upper = "" if high is None else (f" and < {high}" if high_open else f" and <= {high}")
+        raise ValueError(f"{name} must be >= {low}{upper}, got {value}")
+    return value
+
+
+class LoRALinear(nn.Linear):
+    """y = x W^T + b + scaling * (dropout(x) A^T) B^T with W, b frozen and A (r, in), B (out, r) trainable.
+
+    `weight`/`bias` keep nn.Linear's names, so base state dicts load and code looking for nn.Linear works.
+    scaling = alpha / r, or alpha / sqrt(r) with rslora=True. `adapter_dtype` (default: the base dtype)
+    lets fp32 adapters train on a bf16 base, as the papers do.
+    """
+
+    def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 16, bias: bool = True,
+                 dropout: float = 0.0, rslora: bool = False, init: str | Callable = "lora",
+                 device=None, dtype=None, adapter_dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._setup_adapter(r, alpha, dropout, rslora, init, adapter_dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: float = 16, **kw) -> "LoRALinear":
+        """Wrap an existing nn.Linear: its weight and bias Parameters are shared (not copied) and frozen."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        if isinstance(linear, LoRALinear):
+            raise TypeError("linear is already a LoRALinear; merge or remove its adapter first")
+        unknown = set(kw) - {"dropout", "rslora", "init", "adapter_dtype"}
+        if unknown:
+            raise TypeError(f"from_linear got unexpected keyword arguments {sorted(unknown)}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        layer._setup_adapter(r, alpha, kw.get("dropout", 0.0), kw.get("rslora", False), kw.get("init", "lora"),
+                             kw.get("adapter_dtype"))
+        return layer
+
+    def _setup_adapter(self, r, alpha, dropout, rslora, init, adapter_dtype) -> None:
+        self.r = lora_init.check_rank(r, self.in_features, self.out_features)
+        self.alpha = _check_float(alpha, "alpha", 0.0)
+        self.dropout = _check_float(dropout, "dropout", 0.0, 1.0, high_open=True)
+        self.rslora = bool(rslora)
+        self.scaling = self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+        if adapter_dtype is not None and not (isinstance(adapter_dtype, torch.dtype) and adapter_dtype.is_floating_point):
+            raise TypeError(f"adapter_dtype must be a floating torch.dtype, got {adapter_dtype!r}")
+        adt = adapter_dtype or self.weight.dtype
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        dev = self.weight.device
+        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, device=dev, dtype=adt))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, self.r, device=dev, dtype=adt))
+        self.merged = False
+        self.reset_lora_parameters(init)
+
+    def reset_lora_parameters(self, init: str | Callable = "lora", **kw) -> None:
+        """(Re)initialize the adapter: a name from lorakern.init.WEIGHT_INITS or fn(weight, r, **kw) -> (A, B)."""
+        if callable(init):
+            fn = init
+        elif isinstance(init, str) and init in lora_init.WEIGHT_INITS:
+            fn = lora_init.WEIGHT_INITS[init]
+        else:
+            raise ValueError(f"init must be one of {sorted(lora_init.WEIGHT_INITS)} or a callable, got {init!r}")
+        if self.weight.device.type == "meta":
+            return
+        ref = self.weight.detach().to(self.lora_A.dtype)  # dtype of the adapters; values unused by weight-only inits
+        A, B = fn(ref, self.r, **kw)
+        if A.shape != self.lora_A.shape or B.shape != self.lora_B.shape:
+            raise ValueError(f"init returned A {tuple(A.shape)}, B {tuple(B.shape)}; expected "
+                             f"{tuple(self.lora_A.shape)}, {tuple(self.lora_B.shape)}")
+        with torch.no_grad():
+            self.lora_A.copy_(A)
+            self.lora_B.copy_(B)
+
+    # -- forward ---------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight, self.bias
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have last dimension in_features={self.in_features}, got shape {tuple(x.shape)}")
+        if x.device != w.device:
+            raise ValueError(f"x is on {x.device} but the layer's weight is on {w.device}")
+        if torch.is_autocast_enabled(x.device.type):
+            # Autocast: run the base in the autocast dtype; the adapters keep their own dtype.
+            cdt = torch.get_autocast_dtype(x.device.type)
+            x, w = x.to(cdt), w.to(cdt)
+            b = b.to(cdt) if b is not None else None
+            with torch.autocast(x.device.type, enabled=False):
+                return self._forward(x, w, b)
+        if x.dtype != w.dtype:
+            raise TypeError(f"x has dtype {x.dtype} but the layer's weight has dtype {w.dtype}; "
+                            f"cast x or the layer (or use torch.autocast)")
+        return self._forward(x, w, b)
+
+    def _forward(self, x, w, b):
+        if self.merged:
+            return F.linear(x, w, b)
+        p = self.dropout if self.training else 0.0
+        return lora_linear(x, w, b, self.lora_A, self.lora_B, self.scaling, p)
+
+    # -- merging ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * lora_B @ lora_A, shape (out, in), in the adapter dtype (computed in at least fp32)."""
+        work = torch.promote_types(self.lora_A.dtype, torch.float32)
+        return (self.lora_B.to(work) @ self.lora_A.to(work)).mul_(self.scaling).to(self.lora_A.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ΔW into the base weight; forward becomes a plain linear until unmerge()."""
+        if self.merged:
+            raise ValueError("merge: this LoRALinear is already merged; call unmerge() first")
+        self._add_delta(+1.0)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract ΔW from the base weight again (exact up to the base dtype's rounding)."""
+        if not self.merged:
+            raise ValueError("unmerge: this LoRALinear is not merged")
+        self._add_delta(-1.0)
+        self.merged = False
+
+    def _add_delta(self, sign: float) -> None:
+        work = torch.promote_types(self.weight.dtype, torch.float32)
+        delta = (self.lora_B.to(work) @ self.lora_A.to(work)).mul_(sign * self.scaling)
+        self.weight.copy_(self.weight.to(work).add_(delta))  # one rounding to the base dtype
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """A new plain nn.Linear holding the merged weight (this layer is left as it is)."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.weight.device, dtype=self.weight.dtype)
+        weight = self.weight.detach().clone()
+        if not self.merged:
+            work = torch.promote_types(weight.dtype, torch.float32)
+            weight = (weight.to(work) + self.delta_weight().to(work)).to(weight.dtype)
+        lin.weight.copy_(weight)
+        lin.weight.requires_grad_(self.weight.requires_grad)
+        if self.bias is not None:
+            lin.bias.copy_(self.bias)
+            lin.bias.requires_grad_(self.bias.requires_grad)
+        return lin
+
+    def extra_repr(self) -> str:
+        adt = "" if self.lora_A.dtype == self.weight.dtype else f", adapter_dtype={self.lora_A.dtype}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.dropout:g}, "
+                f"rslora={self.rslora}{adt}, merged={self.merged}")

@@ -1,0 +1,182 @@
+"""Adapters in peft's on-disk format: adapter_config.json + adapter_model.safetensors.
+
+Keys are peft's, `base_model.model.<module name>.lora_A.weight` / `.lora_B.weight`, with the module names of
+the model given to save_adapter; peft's PeftModel.from_pretrained(base, path) on the same base architecture
+loads the file, and load_adapter reads what peft saved. Layers whose rank or alpha differ from the most
+common ones go into peft's rank_pattern / alpha_pattern (escaped full names, matched by peft as regexes).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+
+import torch
+from torch import nn
+
+from lorakern.layer import LoRALinear
+from lorakern.model import _set_submodule, lora_modules
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+_KEY = re.compile(r"^(?P<module>.+)\.(?P<which>lora_A|lora_B)(?:\.[^.]+)?\.weight$")
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None,
+                 task_type: str | None = None) -> None:
+    """Write every LoRALinear adapter of `model` to directory `path` in peft's format."""
+    from safetensors.torch import save_file
+
+    layers = lora_modules(model)
+    if not layers:
+        raise ValueError("save_adapter: model has no LoRALinear layers")
+    rslora = {m.rslora for m in layers.values()}
+    if len(rslora) > 1:
+        raise ValueError("save_adapter: peft stores one use_rslora flag, but the model mixes rslora and "
+                         "standard scaling layers")
+    r = Counter(m.r for m in layers.values()).most_common(1)[0][0]
+    alpha = Counter(m.alpha for m in layers.values()).most_common(1)[0][0]
+    dropout = Counter(m.dropout for m in layers.values()).most_common(1)[0][0]
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "inference_mode": True,
+        "r": r,
+        "lora_alpha": _num(alpha),
+        "lora_dropout": dropout,
+        "use_rslora": rslora.pop(),
+        "target_modules": sorted(layers),
+        "rank_pattern": {re.escape(n): m.r for n, m in layers.items() if m.r != r},
+        "alpha_pattern": {re.escape(n): _num(m.alpha) for n, m in layers.items() if m.alpha != alpha},
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "use_dora": False,
+    }
+    tensors = {}
+    for n, m in layers.items():
+        tensors[f"{_PREFIX}{n}.lora_A.weight"] = m.lora_A.detach().to("cpu").contiguous()
+        tensors[f"{_PREFIX}{n}.lora_B.weight"] = m.lora_B.detach().to("cpu").contiguous()
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+    with open(os.path.join(path, CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+
+
+def _num(x: float):
+    return int(x) if float(x).is_integer() else x
+
+
+def _pattern_value(pattern: dict, name: str, default):
+    """peft's rule (peft.utils.other.get_pattern_key): a key matches a name that ends with it after a dot."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _read(path) -> tuple[dict, dict[str, torch.Tensor]]:
+    cfg_file = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(cfg_file):
+        raise FileNotFoundError(f"load_adapter: {cfg_file} not found")
+    with open(cfg_file) as f:
+        config = json.load(f)
+    weights = os.path.join(path, WEIGHTS_NAME)
+    if os.path.isfile(weights):
+        from safetensors.torch import load_file
+        tensors = load_file(weights)
+    elif os.path.isfile(os.path.join(path, "adapter_model.bin")):
+        tensors = torch.load(os.path.join(path, "adapter_model.bin"), map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"load_adapter: no {WEIGHTS_NAME} (or adapter_model.bin) in {path}")
+    return config, tensors
+
+
+def _check_config(config: dict) -> None:
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"load_adapter: peft_type={config.get('peft_type')!r} is not a LoRA adapter")
+    unsupported = {"use_dora": False, "fan_in_fan_out": False, "bias": "none"}
+    for key, ok in unsupported.items():
+        if config.get(key, ok) != ok:
+            raise ValueError(f"load_adapter: adapter_config.json has {key}={config[key]!r}; lorakern supports "
+                             f"only {key}={ok!r}")
+    if config.get("modules_to_save"):
+        raise ValueError(f"load_adapter: modules_to_save={config['modules_to_save']!r} is not supported")
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_dtype: torch.dtype | None = None) -> list[str]:
+    """Load a peft-format LoRA adapter (saved by peft or by lorakern) into `model`; returns the module names.
+
+    Linear layers named in the file become LoRALinear (everything else is frozen, as after apply_lora);
+    existing LoRALinear layers get the new weights and the file's scaling. `adapter_dtype` defaults to
+    the stored tensors' dtype. Everything is checked first: when loading fails the model is unchanged.
+    """
+    config, tensors = _read(path)
+    _check_config(config)
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    bad = []
+    for key, t in tensors.items():
+        m = _KEY.match(key[len(_PREFIX):] if key.startswith(_PREFIX) else key)
+        if m is None:
+            bad.append(key)
+        else:
+            pairs.setdefault(m["module"], {})[m["which"]] = t
+    if bad:
+        raise ValueError(f"load_adapter: unsupported keys in {path}: {bad[:5]}")
+    if not pairs:
+        raise ValueError(f"load_adapter: {path} holds no LoRA weights")
+
+    modules = dict(model.named_modules())
+    plan = []
+    for name, pair in sorted(pairs.items()):
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise ValueError(f"load_adapter: module {name!r} has {sorted(pair)} but needs lora_A and lora_B")
+        mod = modules.get(name)
+        if mod is None:
+            raise ValueError(f"load_adapter: the adapter targets {name!r}, which the model does not have")
+        if not isinstance(mod, nn.Linear):
+            raise TypeError(f"load_adapter: {name!r} is a {type(mod).__name__}, not a torch.nn.Linear")
+        A, B = pair["lora_A"], pair["lora_B"]
+        r = A.shape[0]
+        want_A, want_B = (r, mod.in_features), (mod.out_features, r)
+        if A.dim() != 2 or B.dim() != 2 or tuple(A.shape) != want_A or tuple(B.shape) != want_B:
+            raise ValueError(f"load_adapter: {name!r} (in={mod.in_features}, out={mod.out_features}) got lora_A "
+                             f"{tuple(A.shape)} and lora_B {tuple(B.shape)}; expected {want_A} and {want_B}")
+        r_cfg = _pattern_value(config.get("rank_pattern"), name, config.get("r", r))
+        if r_cfg != r:
+            raise ValueError(f"load_adapter: {name!r} has rank {r} in the weights but {r_cfg} in the config")
+        if isinstance(mod, LoRALinear):
+            if mod.r != r:
+                raise ValueError(f"load_adapter: {name!r} is a LoRALinear of rank {mod.r}; the adapter has rank {r}")
+            if mod.merged:
+                raise ValueError(f"load_adapter: {name!r} is merged; unmerge it before loading an adapter")
+        alpha = float(_pattern_value(config.get("alpha_pattern"), name, config.get("lora_alpha", 8)))
+        plan.append((name, mod, A, B, r, alpha))
+
+    rslora = bool(config.get("use_rslora", False))
+    dropout = float(config.get("lora_dropout", 0.0) or 0.0)
+    new_layers = {}
+    for name, mod, A, B, r, alpha in plan:  # build new layers before touching the model
+        if not isinstance(mod, LoRALinear):
+            new_layers[name] = LoRALinear.from_linear(mod, r=r, alpha=alpha, dropout=dropout, rslora=rslora,
+                                                      adapter_dtype=adapter_dtype or A.dtype)
+    if new_layers:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    for name, mod, A, B, r, alpha in plan:
+        layer = new_layers.get(name, mod)
+        if name in new_layers:
+            _set_submodule(model, name, layer)
+        else:
+            layer.alpha, layer.rslora = alpha, rslora
+            layer.scaling = alpha / (r ** 0.5 if rslora else r)
+        with torch.no_grad():
+            layer.lora_A.copy_(A)
+            layer.lora_B.copy_(B)
+        layer.lora_A.requires_grad_(True)
+        layer.lora_B.requires_grad_(True)
+    return [name for name, *_ in plan]

