@@ -60,7 +60,7 @@ std::tuple<at::Tensor, at::Tensor> lora_forward(const at::Tensor& x, const at::T
   return {y, xa};
 }
 
-// Gradients of lora_forward for a frozen weight and bias. `mask` (optional, x's shape and dtype) is the
+// Gradients of lora_forward for a frozen weight and bias. `mask` (optional, x's shape, the adapter dtype) is the
 // dropout multiplier (0 or 1/(1-p)) that produced x_lora; it scales the LoRA part of dx.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward(
     const at::Tensor& grad_y, const at::Tensor& x_lora, const at::Tensor& xa, const at::Tensor& weight,

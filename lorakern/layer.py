@@ -23,10 +23,20 @@ def _check_float(value: object, name: str, low: float, high: float | None = None
     return value
 
 
+def resolve_init(init) -> Callable:
+    """The init function for `init=`: a name from lorakern.init.WEIGHT_INITS or a callable."""
+    if callable(init):
+        return init
+    if isinstance(init, str) and init in lora_init.WEIGHT_INITS:
+        return lora_init.WEIGHT_INITS[init]
+    raise ValueError(f"init must be one of {sorted(lora_init.WEIGHT_INITS)} or a callable, got {init!r}")
+
+
 class LoRALinear(nn.Linear):
     """y = x W^T + b + scaling * (dropout(x) A^T) B^T with W, b frozen and A (r, in), B (out, r) trainable.
 
     `weight`/`bias` keep nn.Linear's names, so base state dicts load and code looking for nn.Linear works.
+    The state dict does not record `merged`: save adapters unmerged (or with save_adapter).
     scaling = alpha / r, or alpha / sqrt(r) with rslora=True. `adapter_dtype` (default: the base dtype)
     lets fp32 adapters train on a bf16 base, as the papers do.
     """
@@ -54,9 +64,11 @@ class LoRALinear(nn.Linear):
         layer.bias = linear.bias
         layer._setup_adapter(r, alpha, kw.get("dropout", 0.0), kw.get("rslora", False), kw.get("init", "lora"),
                              kw.get("adapter_dtype"))
+        layer.train(linear.training)  # an eval-mode model stays in eval mode (no dropout at inference)
         return layer
 
     def _setup_adapter(self, r, alpha, dropout, rslora, init, adapter_dtype) -> None:
+        resolve_init(init)  # validate everything before the base is frozen
         self.r = lora_init.check_rank(r, self.in_features, self.out_features)
         self.alpha = _check_float(alpha, "alpha", 0.0)
         self.dropout = _check_float(dropout, "dropout", 0.0, 1.0, high_open=True)
@@ -75,23 +87,30 @@ class LoRALinear(nn.Linear):
         self.reset_lora_parameters(init)
 
     def reset_lora_parameters(self, init: str | Callable = "lora", **kw) -> None:
-        """(Re)initialize the adapter: a name from lorakern.init.WEIGHT_INITS or fn(weight, r, **kw) -> (A, B)."""
-        if callable(init):
-            fn = init
-        elif isinstance(init, str) and init in lora_init.WEIGHT_INITS:
-            fn = lora_init.WEIGHT_INITS[init]
-        else:
-            raise ValueError(f"init must be one of {sorted(lora_init.WEIGHT_INITS)} or a callable, got {init!r}")
-        if self.weight.device.type == "meta":
+        """(Re)initialize the adapter: a name from lorakern.init.WEIGHT_INITS or fn(weight, r, **kw) -> (A, B).
+
+        "pissa" also replaces the base weight by its residual W - scaling * B A (API.md), so the layer's
+        output is unchanged; the other weight-only inits leave the weight alone.
+        """
+        fn = resolve_init(init)
+        if self.weight.device.type == "meta":  # no values yet: call reset_lora_parameters after to_empty()
             return
-        ref = self.weight.detach().to(self.lora_A.dtype)  # dtype of the adapters; values unused by weight-only inits
-        A, B = fn(ref, self.r, **kw)
+        if self.merged:
+            raise ValueError("reset_lora_parameters: the layer is merged; unmerge() it first")
+        if fn is lora_init.pissa:
+            kw.setdefault("scaling", self.scaling)
+        # The init sees the weight in the adapter dtype (a no-op when they agree), so fp32 adapters on a
+        # bf16 base are computed and kept in fp32.
+        out = fn(self.weight.detach().to(self.lora_A.dtype), self.r, **kw)
+        A, B = out[0], out[1]
         if A.shape != self.lora_A.shape or B.shape != self.lora_B.shape:
             raise ValueError(f"init returned A {tuple(A.shape)}, B {tuple(B.shape)}; expected "
                              f"{tuple(self.lora_A.shape)}, {tuple(self.lora_B.shape)}")
         with torch.no_grad():
             self.lora_A.copy_(A)
             self.lora_B.copy_(B)
+            if fn is lora_init.pissa:
+                self.weight.copy_(out[2])
 
     # -- forward ---------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -102,7 +121,10 @@ class LoRALinear(nn.Linear):
             raise ValueError(f"x must have last dimension in_features={self.in_features}, got shape {tuple(x.shape)}")
         if x.device != w.device:
             raise ValueError(f"x is on {x.device} but the layer's weight is on {w.device}")
-        if torch.is_autocast_enabled(x.device.type):
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        if (torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64
+                and w.dtype != torch.float64):  # autocast leaves float64 alone, as for nn.Linear
             # Autocast: run the base in the autocast dtype; the adapters keep their own dtype.
             cdt = torch.get_autocast_dtype(x.device.type)
             x, w = x.to(cdt), w.to(cdt)
@@ -121,11 +143,12 @@ class LoRALinear(nn.Linear):
         return lora_linear(x, w, b, self.lora_A, self.lora_B, self.scaling, p)
 
     # -- merging ---------------------------------------------------------------------------------------
-    @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
-        """scaling * lora_B @ lora_A, shape (out, in), in the adapter dtype (computed in at least fp32)."""
+        """scaling * lora_B @ lora_A, shape (out, in), in the adapter dtype (computed in at least fp32).
+
+        Differentiable, so it can enter a regularizer."""
         work = torch.promote_types(self.lora_A.dtype, torch.float32)
-        return (self.lora_B.to(work) @ self.lora_A.to(work)).mul_(self.scaling).to(self.lora_A.dtype)
+        return ((self.lora_B.to(work) @ self.lora_A.to(work)) * self.scaling).to(self.lora_A.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -151,14 +174,15 @@ class LoRALinear(nn.Linear):
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
         """A new plain nn.Linear holding the merged weight (this layer is left as it is)."""
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.weight.device, dtype=self.weight.dtype)
+        lin = torch.nn.utils.skip_init(nn.Linear, self.in_features, self.out_features, bias=self.bias is not None,
+                                       device=self.weight.device, dtype=self.weight.dtype)  # no RNG draws
         weight = self.weight.detach().clone()
         if not self.merged:
             work = torch.promote_types(weight.dtype, torch.float32)
             weight = (weight.to(work) + self.delta_weight().to(work)).to(weight.dtype)
         lin.weight.copy_(weight)
         lin.weight.requires_grad_(self.weight.requires_grad)
+        lin.train(self.training)
         if self.bias is not None:
             lin.bias.copy_(self.bias)
             lin.bias.requires_grad_(self.bias.requires_grad)

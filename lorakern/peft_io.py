@@ -1,22 +1,24 @@
-"""Adapters in peft's on-disk format: adapter_config.json + adapter_model.safetensors.
+r"""Adapters in peft's on-disk format: adapter_config.json + adapter_model.safetensors.
 
 Keys are peft's, `base_model.model.<module name>.lora_A.weight` / `.lora_B.weight`, with the module names of
 the model given to save_adapter; peft's PeftModel.from_pretrained(base, path) on the same base architecture
 loads the file, and load_adapter reads what peft saved. Layers whose rank or alpha differ from the most
-common ones go into peft's rank_pattern / alpha_pattern (escaped full names, matched by peft as regexes).
+common ones go into peft's rank_pattern / alpha_pattern, keyed by "^" + the escaped full name: peft matches
+a key K against a module name with (.*\.)?(K)$, so an unanchored "fc" would also claim "a.fc".
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import warnings
 from collections import Counter
 
 import torch
 from torch import nn
 
 from lorakern.layer import LoRALinear
-from lorakern.model import _set_submodule, lora_modules
+from lorakern.model import _aliases, _freeze_all_but_adapters, _replace, _why_not_adaptable, lora_modules
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -32,6 +34,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
     layers = lora_modules(model)
     if not layers:
         raise ValueError("save_adapter: model has no LoRALinear layers")
+    if "" in layers:
+        raise ValueError("save_adapter: the model is itself a LoRALinear; wrap it in a parent module so its "
+                         "adapter has a name")
     rslora = {m.rslora for m in layers.values()}
     if len(rslora) > 1:
         raise ValueError("save_adapter: peft stores one use_rslora flag, but the model mixes rslora and "
@@ -39,6 +44,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
     r = Counter(m.r for m in layers.values()).most_common(1)[0][0]
     alpha = Counter(m.alpha for m in layers.values()).most_common(1)[0][0]
     dropout = Counter(m.dropout for m in layers.values()).most_common(1)[0][0]
+    if len({m.dropout for m in layers.values()}) > 1:
+        warnings.warn(f"save_adapter: peft stores one lora_dropout; the layers' dropouts differ, saving {dropout}",
+                      stacklevel=2)
     config = {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -49,8 +57,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
         "lora_dropout": dropout,
         "use_rslora": rslora.pop(),
         "target_modules": sorted(layers),
-        "rank_pattern": {re.escape(n): m.r for n, m in layers.items() if m.r != r},
-        "alpha_pattern": {re.escape(n): _num(m.alpha) for n, m in layers.items() if m.alpha != alpha},
+        "rank_pattern": {"^" + re.escape(n): m.r for n, m in layers.items() if m.r != r},
+        "alpha_pattern": {"^" + re.escape(n): _num(m.alpha) for n, m in layers.items() if m.alpha != alpha},
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
@@ -111,9 +119,11 @@ def _check_config(config: dict) -> None:
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_dtype: torch.dtype | None = None) -> list[str]:
     """Load a peft-format LoRA adapter (saved by peft or by lorakern) into `model`; returns the module names.
 
-    Linear layers named in the file become LoRALinear (everything else is frozen, as after apply_lora);
-    existing LoRALinear layers get the new weights and the file's scaling. `adapter_dtype` defaults to
-    the stored tensors' dtype. Everything is checked first: when loading fails the model is unchanged.
+    Linear layers named in the file become LoRALinear (every other non-adapter parameter is frozen, as
+    after apply_lora); existing LoRALinear layers get the new weights and the file's scaling and dropout.
+    `adapter_dtype` defaults to the wider of the stored dtype and the base dtype (fp32 adapters stay fp32
+    on a bf16 base; bf16 adapters on an fp32 base are computed in fp32, as peft does). Everything is checked
+    first: when loading fails the model is unchanged.
     """
     config, tensors = _read(path)
     _check_config(config)
@@ -138,8 +148,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_dtype: torch
         mod = modules.get(name)
         if mod is None:
             raise ValueError(f"load_adapter: the adapter targets {name!r}, which the model does not have")
-        if not isinstance(mod, nn.Linear):
-            raise TypeError(f"load_adapter: {name!r} is a {type(mod).__name__}, not a torch.nn.Linear")
+        why = None if isinstance(mod, LoRALinear) else _why_not_adaptable(model, name, mod)
+        if why:
+            raise TypeError(f"load_adapter: the adapter targets {name!r}, which {why}")
         A, B = pair["lora_A"], pair["lora_B"]
         r = A.shape[0]
         want_A, want_B = (r, mod.in_features), (mod.out_features, r)
@@ -162,21 +173,23 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_dtype: torch
     new_layers = {}
     for name, mod, A, B, r, alpha in plan:  # build new layers before touching the model
         if not isinstance(mod, LoRALinear):
+            adt = adapter_dtype or torch.promote_types(A.dtype, mod.weight.dtype)
             new_layers[name] = LoRALinear.from_linear(mod, r=r, alpha=alpha, dropout=dropout, rslora=rslora,
-                                                      adapter_dtype=adapter_dtype or A.dtype)
-    if new_layers:
-        for p in model.parameters():
-            p.requires_grad_(False)
+                                                      adapter_dtype=adt)
+    aliases = _aliases(model)
     for name, mod, A, B, r, alpha in plan:
-        layer = new_layers.get(name, mod)
         if name in new_layers:
-            _set_submodule(model, name, layer)
+            layer = new_layers[name]
+            _replace(model, mod, layer, aliases)
         else:
-            layer.alpha, layer.rslora = alpha, rslora
+            layer = mod
+            layer.alpha, layer.rslora, layer.dropout = alpha, rslora, dropout
             layer.scaling = alpha / (r ** 0.5 if rslora else r)
         with torch.no_grad():
             layer.lora_A.copy_(A)
             layer.lora_B.copy_(B)
         layer.lora_A.requires_grad_(True)
         layer.lora_B.requires_grad_(True)
+    if new_layers:
+        _freeze_all_but_adapters(model)
     return [name for name, *_ in plan]

@@ -133,6 +133,48 @@ def test_backward_saves_only_inputs_and_xa(backend):
     assert all(s != tuple(y.shape) for s in activations)
 
 
+def test_backward_with_dropout_saves_a_bool_mask(backend):
+    M, in_f, out_f, r = 10, 24, 40, 3
+    layer = randomize_adapter(lk.LoRALinear(in_f, out_f, r=r, dropout=0.2))
+    x = torch.randn(M, in_f, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x)
+    acts = sorted((tuple(t.shape), str(t.dtype)) for t in saved if t.data_ptr() not in
+                  {p.data_ptr() for p in layer.parameters()})
+    want = [((M, in_f), "torch.float32"), ((M, r), "torch.float32"), ((M, in_f), "torch.bool")]
+    assert acts == sorted(want), acts
+
+
+def test_double_backward_fails_loudly(backend):
+    layer = randomize_adapter(lk.LoRALinear(6, 5, r=2))
+    x = torch.randn(3, 6, requires_grad=True)
+    (gA,) = torch.autograd.grad(layer(x).square().sum(), (layer.lora_A,), create_graph=True)
+    with pytest.raises(RuntimeError):
+        gA.square().sum().backward()
+
+
+def test_delta_weight_is_differentiable():
+    layer = randomize_adapter(lk.LoRALinear(6, 5, r=2))
+    layer.delta_weight().square().sum().backward()
+    assert layer.lora_A.grad is not None and layer.lora_B.grad is not None
+
+
+def test_autocast_leaves_float64_and_rejects_integers():
+    layer = lk.LoRALinear(6, 5, r=2, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(torch.randn(2, 6, dtype=torch.float64)).dtype == torch.float64
+        with pytest.raises(TypeError, match="floating"):
+            lk.LoRALinear(6, 5, r=2)(torch.ones(2, 6, dtype=torch.long))
+
+
+def test_to_linear_draws_no_random_numbers():
+    layer = lk.LoRALinear(6, 5, r=2)
+    state = torch.get_rng_state()
+    layer.to_linear()
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_unfrozen_base_gets_its_gradients(backend):
     layer = randomize_adapter(lk.LoRALinear(9, 7, r=2, dtype=torch.float64))
     layer.weight.requires_grad_(True)
@@ -277,3 +319,22 @@ def test_bad_inputs_raise_clear_errors():
         lk.LoRALinear.from_linear(layer)
     with pytest.raises(TypeError, match="unexpected keyword"):
         lk.LoRALinear.from_linear(nn.Linear(4, 4), r=2, bias=False)
+
+
+def test_torch_compile_fullgraph_matches_eager(backend):
+    """No graph break at the LoRA layers (the C++ ops have fake implementations), same values and grads."""
+    model = nn.Sequential(lk.LoRALinear(32, 48, r=4), nn.GELU(), lk.LoRALinear(48, 17, r=3))
+    for m in model:
+        if isinstance(m, lk.LoRALinear):
+            randomize_adapter(m)
+    x = torch.randn(2, 5, 32)
+    y_ref = model(x)
+    y_ref.square().sum().backward()
+    g_ref = [m.lora_A.grad.clone() for m in (model[0], model[2])] + [model[0].lora_B.grad.clone()]
+    model.zero_grad()
+    torch._dynamo.reset()
+    y = torch.compile(model, fullgraph=True)(x)
+    y.square().sum().backward()
+    g = [m.lora_A.grad for m in (model[0], model[2])] + [model[0].lora_B.grad]
+    assert rel_err(y, y_ref) < 1e-5
+    assert all(rel_err(a, b) < 1e-5 for a, b in zip(g, g_ref))

@@ -78,8 +78,21 @@ def test_options_reach_every_layer(model):
 
 def test_errors_leave_the_model_unchanged(model):
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match="matches no module"):
+    with pytest.raises(ValueError, match=r"entries \['k_proj'\] match no module"):
         lk.apply_lora(model, target_modules=["k_proj"])
+    with pytest.raises(ValueError, match=r"entries \['q_porj'\] match no module"):  # one typo is enough
+        lk.apply_lora(model, target_modules=["v_proj", "q_porj"])
+    with pytest.raises(ValueError, match="init must be one of"):
+        lk.apply_lora(model, init="bogus")
+
+    def bad_second(weight, r, calls=[]):  # fails on the second layer, after the first was wrapped
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("init failed")
+        return lk.init.lora(weight, r)
+
+    with pytest.raises(RuntimeError, match="init failed"):
+        lk.apply_lora(model, init=bad_second)
     with pytest.raises(ValueError, match="matches no module"):
         lk.apply_lora(model, target_modules=r"blocks\.9\..*")
     with pytest.raises(TypeError, match="'embed' is a Embedding, not a torch.nn.Linear"):
@@ -90,6 +103,8 @@ def test_errors_leave_the_model_unchanged(model):
         lk.apply_lora(model, target_modules=["mlp"])
     with pytest.raises(TypeError, match="'embed' is a Embedding"):
         lk.apply_lora(model, target_modules="emb.*")
+    with pytest.raises(ValueError, match="alpha"):
+        lk.apply_lora(model, alpha=-1.0)
     with pytest.raises(ValueError, match="valid regex"):
         lk.apply_lora(model, target_modules="blocks.(")
     with pytest.raises(TypeError, match="model must be"):
@@ -105,6 +120,8 @@ def test_apply_twice_is_an_error_but_other_targets_can_be_added(model):
         lk.apply_lora(model, target_modules=["q_proj"], r=2)
     lk.apply_lora(model, target_modules=["v_proj"], r=3)
     assert {m.r for m in lk.lora_modules(model).values()} == {2, 3}
+    # the first call's adapters still train
+    assert all(m.lora_A.requires_grad and m.lora_B.requires_grad for m in lk.lora_modules(model).values())
 
 
 def test_merge_unmerge_remove(model):
@@ -120,8 +137,6 @@ def test_merge_unmerge_remove(model):
         lk.merge_lora(model)
     lk.unmerge_lora(model)
     assert rel_err(model(x), y) < 1e-5
-    merged_copy = Toy()
-    merged_copy.load_state_dict(model.state_dict(), strict=False)
     lk.remove_lora(model, merge=True)
     assert not lk.lora_modules(model)
     assert all(type(model.get_submodule(n)) is nn.Linear for n in ALL)
@@ -157,3 +172,88 @@ def test_training_moves_only_the_adapters(model):
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
     assert all(torch.equal(v, frozen[k]) for k, v in model.state_dict().items() if k in frozen)
+
+
+def test_eval_mode_is_kept():
+    model = Toy().eval()
+    lk.apply_lora(model, r=2, dropout=0.5)
+    assert not any(m.training for m in lk.lora_modules(model).values())
+    for m in lk.lora_modules(model).values():
+        randomize_adapter(m)
+    x = ids()
+    assert torch.equal(model(x), model(x))  # no dropout at inference
+    lk.remove_lora(model, merge=True)
+    assert not any(m.training for m in model.modules())
+
+
+class Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = self.a  # the same module under two names
+        self.emb = nn.Embedding(10, 6)
+        self.head = nn.Linear(6, 10, bias=False)
+        self.head.weight = self.emb.weight  # tied weights
+
+    def forward(self, ids):
+        return self.head(self.b(self.a(self.emb(ids))))
+
+
+def test_shared_module_becomes_one_lora_layer_under_all_names():
+    model = Shared()
+    names = lk.apply_lora(model, target_modules=["a"], r=2)
+    assert names == ["a"] and model.a is model.b and isinstance(model.b, lk.LoRALinear)
+    randomize_adapter(model.a)
+    x = torch.randint(0, 10, (2, 3))
+    y = model(x)
+    lk.merge_lora(model)
+    assert rel_err(model(x), y) < 1e-5
+
+
+def test_tied_weights_refuse_to_merge():
+    model = Shared()
+    lk.apply_lora(model, target_modules=["head"], r=2, exclude=())
+    randomize_adapter(model.head)
+    with pytest.raises(ValueError, match=r"tied to other modules.*head.*emb"):
+        lk.merge_lora(model)
+    with pytest.raises(ValueError, match="tied"):
+        lk.remove_lora(model, merge=True)
+    assert not model.head.merged
+
+
+class Doubling(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class WithAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.up = Doubling(8, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, h):
+        return self.out(self.up(self.attn(h, h, h)[0]))
+
+
+def test_linears_whose_forward_is_bypassed_or_overridden_are_not_adapted():
+    model = WithAttention()
+    assert lk.apply_lora(model, r=2, exclude=()) == ["out"]
+    with pytest.raises(TypeError, match="MultiheadAttention's output projection"):
+        lk.apply_lora(WithAttention(), target_modules=["out_proj"], r=2)
+    with pytest.raises(TypeError, match="Doubling with its own forward"):
+        lk.apply_lora(WithAttention(), target_modules=["up"], r=2)
+    with pytest.raises(TypeError, match="no adaptable Linear"):
+        lk.apply_lora(WithAttention(), target_modules=r"attn\..*", r=2)
+
+
+def test_root_module_cases():
+    with pytest.raises(ValueError, match="no submodules"):
+        lk.apply_lora(nn.Linear(4, 4))
+    layer = lk.LoRALinear(4, 4, r=2)
+    lk.merge_lora(layer)  # works on a bare layer
+    with pytest.raises(ValueError, match="to_linear"):
+        lk.remove_lora(layer)
+    with pytest.raises(ValueError, match="itself a LoRALinear"):
+        lk.save_adapter(layer, "/nonexistent/dir")

@@ -135,8 +135,14 @@ def test_bad_adapters_leave_the_model_unchanged(tmp_path):
     assert not lk.lora_modules(small) and all(torch.equal(v, state[k]) for k, v in small.state_dict().items())
 
     lk.apply_lora(other, target_modules=["q_proj"], r=2)
+    partly = {k: v.clone() for k, v in other.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in other.named_parameters()}
+    lk.save_adapter(src, tmp_path / "mixed")  # partly LoRA model: v_proj plain, q_proj rank 2 vs file rank 4
     with pytest.raises(ValueError, match="rank 2; the adapter has rank 4"):
         lk.load_adapter(other, tmp_path / "r4")
+    assert all(torch.equal(v, partly[k]) for k, v in other.state_dict().items())
+    assert {n: p.requires_grad for n, p in other.named_parameters()} == flags
+    assert sorted(lk.lora_modules(other)) == sorted(n for n in lk.lora_modules(src))
 
     cfg = json.loads((tmp_path / "r4" / "adapter_config.json").read_text())
     cfg["use_dora"] = True
@@ -156,3 +162,43 @@ def test_merged_layers_refuse_a_new_adapter(tmp_path):
     lk.merge_lora(base)
     with pytest.raises(ValueError, match="unmerge it"):
         lk.load_adapter(base, tmp_path)
+
+
+class TwoFc(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+        self.a, self.b = torch.nn.Module(), torch.nn.Module()
+        self.a.fc, self.b.fc = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.b.fc(self.a.fc(self.fc(x)))
+
+
+def test_rank_pattern_keys_do_not_claim_other_layers(tmp_path):
+    """peft matches pattern keys as (.*\\.)?(key)$: the key for `fc` must not also claim `a.fc`."""
+    base = TwoFc()
+    ours = copy.deepcopy(base)
+    lk.apply_lora(ours, target_modules=r"(a|b)\.fc", r=4)
+    lk.apply_lora(ours, target_modules=r"fc", r=2, alpha=5)
+    for m in lk.lora_modules(ours).values():
+        randomize_adapter(m)
+    lk.save_adapter(ours, tmp_path)
+    x = torch.randn(3, 8)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    with torch.no_grad():
+        assert (ours(x) - theirs(x)).abs().max() <= 1e-5
+        again = copy.deepcopy(base)
+        lk.load_adapter(again, tmp_path)
+        assert (again(x) - ours(x)).abs().max() <= 1e-6
+
+
+def test_low_precision_adapters_load_at_the_base_precision(tmp_path):
+    base = TwoFc()
+    src = copy.deepcopy(base).to(torch.bfloat16)
+    lk.apply_lora(src, target_modules=["fc"], r=2, dropout=0.1)
+    lk.save_adapter(src, tmp_path)
+    dst = copy.deepcopy(base).eval()
+    lk.load_adapter(dst, tmp_path)
+    layer = dst.fc
+    assert layer.lora_A.dtype == torch.float32 and layer.dropout == 0.1 and not layer.training

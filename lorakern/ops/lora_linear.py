@@ -11,6 +11,7 @@ gradient (and so x itself) is only computed when the caller has unfrozen the bas
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from lorakern import _backend
 
@@ -81,6 +82,7 @@ class LoRALinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # double backward through dA/dB is not implemented: fail loudly, never silently wrong
     def backward(ctx, grad_y):
         x_lora, xa, weight, lora_A, lora_B, keep, x = ctx.saved_tensors
         _, bwd = _impls(grad_y.device)
