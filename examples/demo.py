@@ -4,7 +4,7 @@ Task: guess which family of the Python standard library a docstring comes from (
 network, concurrency, data formats) from the first paragraph of the docstring alone. The text is real
 prose that ships with every Python install, so the demo needs no download and no data files.
 
-    python examples/demo.py                      # full run, ~3 minutes on a 2-core CPU
+    python examples/demo.py                      # full run, ~2 minutes on a 2-core CPU
     python examples/demo.py --epochs 1 --steps 2 # smoke run
 """
 import argparse
@@ -144,7 +144,7 @@ def accuracy(model, examples, tokenizer, batch_size, device):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--steps", type=int, default=None, help="cap on optimizer steps per epoch")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--r", type=int, default=8)

@@ -115,13 +115,13 @@ class GradientCapture:
 
     def run_pass(self, desc: str = "capture") -> int:
         """One pass over the batches with the same RNG stream every pass (dropout masks repeat, so every pass
-        sees the same G). Returns the number of batches, summed over ranks."""
+        sees the same G; ranks get streams of their own). Returns the number of batches, summed over ranks."""
         for s in self.states.values():
             s.hits = 0
         devices = sorted({p.device.index for p in self.model.parameters() if p.device.type == "cuda"})
         n = 0
         with self._session(), torch.random.fork_rng(devices=devices), torch.enable_grad():
-            torch.manual_seed(self.seed)
+            torch.manual_seed(self.seed + (dist.get_rank() if distributed_world() > 1 else 0))
             for batch in self.progress(self.batches, desc) if self.progress else self.batches:
                 loss = self.loss_fn(self.model, batch)
                 if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):

@@ -1,0 +1,206 @@
+"""Gradient capture and lk.spectral_init on small models: exact capture against autograd's weight gradients
+(fp64), sketch against exact, the methods' invariants, bad input, and data-parallel capture on gloo."""
+import copy
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import lorakern as lk
+from lorakern.capture import accumulate
+from conftest import rel_err
+
+
+def make_model(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(20, 31), nn.Tanh(), nn.Dropout(0.1), nn.Linear(31, 12), nn.Tanh(),
+                          nn.Linear(12, 7)).to(dtype)
+    lk.apply_lora(model, r=3, exclude=())
+    return model
+
+
+def make_batches(n=4, dtype=torch.float32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(9, 20, generator=g, dtype=dtype), torch.randn(9, 7, generator=g, dtype=dtype))
+            for _ in range(n)]
+
+
+def loss_fn(model, batch):
+    x, y = batch
+    return (model(x) - y).square().mean()
+
+
+def autograd_weight_grads(model, batches):
+    """Mean over batches of dL/dW with the base weights unfrozen: the reference the capture must match."""
+    ref = copy.deepcopy(model)
+    for m in lk.lora_modules(ref).values():
+        m.weight.requires_grad_(True)
+    torch.manual_seed(0)  # the capture replays this RNG stream (dropout)
+    grads = {}
+    for b in batches:
+        ref.zero_grad()
+        loss_fn(ref, b).backward()
+        for n, m in lk.lora_modules(ref).items():
+            grads[n] = grads.get(n, 0) + m.weight.grad / len(batches)
+    return grads
+
+
+@pytest.mark.parametrize("probe", ["none", "in", "out"])
+def test_accumulate_cpp_matches_torch(backend, probe):
+    x, dy = torch.randn(11, 7, dtype=torch.bfloat16), torch.randn(11, 5, dtype=torch.bfloat16)
+    kw, shape = {"none": ({}, (5, 7)), "in": ({"probe_in": torch.randn(7, 3)}, (5, 3)),
+                 "out": ({"probe_out": torch.randn(5, 3)}, (3, 7))}[probe]
+    acc = torch.full(shape, 0.5)
+    accumulate(acc, x, dy, **kw)
+    X, D = x.double(), dy.double()
+    ref = {"none": lambda: D.T @ X, "in": lambda: D.T @ (X @ kw["probe_in"].double()),
+           "out": lambda: (D @ kw["probe_out"].double()).T @ X}[probe]() + 0.5
+    assert rel_err(acc, ref) < 1e-6
+
+
+def test_exact_capture_equals_autograd_weight_gradients():
+    model = make_model(torch.float64)
+    batches = make_batches(dtype=torch.float64)
+    G = lk.capture_gradients(model, batches, loss_fn, dtype=torch.float64)
+    ref = autograd_weight_grads(model, batches)
+    assert sorted(G) == sorted(ref)
+    for n in G:
+        assert rel_err(G[n], ref[n]) < 1e-12, n
+    assert all(m.weight.grad is None for m in lk.lora_modules(model).values())
+
+
+def test_capture_restores_the_users_grads_and_flags():
+    model = make_model()
+    head = model[5]
+    head.lora_A.requires_grad_(False)
+    sentinel = torch.ones_like(head.lora_B)
+    head.lora_B.grad = sentinel
+    lk.spectral_init(model, make_batches(), loss_fn, mode="exact", progress=False)
+    assert head.lora_B.grad is sentinel and not head.lora_A.requires_grad
+    assert not any(m.weight.requires_grad for m in lk.lora_modules(model).values())
+
+
+@pytest.mark.parametrize("kw", [dict(s=1.0), dict(s=4.0, normalize=False), dict(gamma=2.0)])
+def test_lora_one_exact_mode_is_algorithm1_on_the_captured_gradient(kw):
+    model = make_model(torch.float64)
+    batches = make_batches(dtype=torch.float64)
+    ref = autograd_weight_grads(model, batches)
+    base = {n: m.weight.clone() for n, m in lk.lora_modules(model).items()}
+    spectra = lk.spectral_init(model, batches, loss_fn, method="lora-one", mode="exact", progress=False, **kw)
+    for n, m in lk.lora_modules(model).items():
+        A, B = lk.init.lora_one(ref[n], m.r, **kw)
+        assert rel_err(m.lora_B @ m.lora_A, B @ A) < 1e-5, n
+        assert torch.equal(m.weight, base[n])  # LoRA-One leaves the base weight alone
+        assert rel_err(spectra[n], torch.linalg.svdvals(ref[n])[:m.r]) < 1e-5
+
+
+@pytest.mark.parametrize("n_iter", [1, 2])
+def test_sketch_matches_exact(n_iter):
+    model = make_model()
+    batches = make_batches(8)
+    exact = copy.deepcopy(model)
+    lk.spectral_init(exact, batches, loss_fn, mode="exact", progress=False)
+    lk.spectral_init(model, batches, loss_fn, mode="sketch", n_iter=n_iter, oversample=8, progress=False)
+    for n, m in lk.lora_modules(model).items():
+        e = lk.lora_modules(exact)[n]
+        assert rel_err(m.delta_weight(), e.delta_weight()) < 1e-2, n
+
+
+def test_lora_ga_keeps_the_output_and_moves_the_weight():
+    model = make_model()
+    batches = make_batches()
+    x = batches[0][0]
+    model.eval()
+    y = model(x)
+    w0 = {n: m.weight.clone() for n, m in lk.lora_modules(model).items()}
+    lk.spectral_init(model, batches, loss_fn, method="lora-ga", mode="sketch", progress=False)
+    assert rel_err(model(x), y) < 1e-5
+    for n, m in lk.lora_modules(model).items():
+        assert rel_err(m.weight + m.delta_weight(), w0[n]) < 1e-5
+        assert not torch.allclose(m.weight, w0[n])
+
+
+def test_layers_without_gradient_warn_and_keep_their_init():
+    class WithUnused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net, self.unused = make_model(), lk.LoRALinear(5, 5, r=2)
+
+        def forward(self, x):
+            return self.net(x)
+
+    model = WithUnused()
+    before = model.unused.lora_A.clone()
+    with pytest.warns(RuntimeWarning, match="received no gradient.*unused"):
+        lk.spectral_init(model, make_batches(), loss_fn, mode="sketch", progress=False)
+    assert torch.equal(model.unused.lora_A, before)
+
+
+def test_bad_input():
+    model = make_model()
+    with pytest.raises(ValueError, match="empty"):
+        lk.spectral_init(model, [], loss_fn, mode="exact", progress=False)
+    with pytest.raises(ValueError, match="one-shot iterator.*list or a DataLoader"):
+        lk.spectral_init(model, iter(make_batches()), loss_fn, mode="sketch", progress=False)
+    lk.spectral_init(model, iter(make_batches()), loss_fn, mode="exact", progress=False)  # one pass: fine
+    nan = [(torch.full((9, 20), float("nan")), torch.zeros(9, 7))]
+    with pytest.raises(FloatingPointError, match="layer '0'"):
+        lk.spectral_init(model, nan, loss_fn, mode="exact", progress=False)
+    with pytest.raises(ValueError, match="no LoRALinear"):
+        lk.spectral_init(nn.Sequential(nn.Linear(3, 3)), make_batches(), loss_fn)
+    with pytest.raises(ValueError, match="method"):
+        lk.spectral_init(model, make_batches(), loss_fn, method="lora-two")
+    with pytest.raises(ValueError, match="2\\*r"):
+        lk.spectral_init(nn.Sequential(lk.LoRALinear(4, 10, r=3)), make_batches(), loss_fn, method="lora-ga")
+    with pytest.raises(TypeError, match="scalar"):
+        lk.spectral_init(model, make_batches(), lambda m, b: m(b[0]), mode="exact", progress=False)
+
+
+def _ddp_worker(rank, world, init_file, out_dir, mode):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = make_model().eval()  # no dropout: ranks and the single process see the same function
+        batches = make_batches(8)[rank::world]  # each rank sees its share of the gradient batch
+        lk.spectral_init(model, batches, loss_fn, mode=mode, progress=False)
+        torch.save({n: (m.lora_A, m.lora_B) for n, m in lk.lora_modules(model).items()},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", ["sketch", "exact"])
+def test_data_parallel_capture_equals_single_process(tmp_path, mode):
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), mode), nprocs=2, join=True)
+    single = make_model().eval()
+    lk.spectral_init(single, make_batches(8), loss_fn, mode=mode, progress=False)
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    for n, m in lk.lora_modules(single).items():
+        for a, b, ref in zip(r0[n], r1[n], (m.lora_A, m.lora_B)):
+            assert torch.equal(a, b)  # every rank ends with the same adapters
+        assert rel_err(r0[n][1] @ r0[n][0], m.lora_B @ m.lora_A) < 1e-4, n
+
+
+def _mismatch_worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(20, 31), nn.Tanh(), nn.Linear(31, 7))
+        lk.apply_lora(model, r=2 + rank, exclude=())  # rank 1 holds a different LoRA layout
+        try:
+            lk.spectral_init(model, make_batches(2), loss_fn, mode="exact", progress=False)
+            msg = "no error"
+        except ValueError as exc:
+            msg = str(exc)
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(msg)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_ranks_must_agree_on_the_layout(tmp_path):
+    mp.spawn(_mismatch_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        assert "ranks disagree" in (tmp_path / f"rank{rank}.txt").read_text()
