@@ -1,7 +1,7 @@
 """Streaming capture of the one-step full fine-tuning gradient G = dL/dW of every LoRALinear base weight.
 
-Forward hooks keep each layer's input x; a hook on the layer's output receives dY during the ordinary
-backward pass, and torch.ops.lorakern.capture_accumulate_ (csrc/capture.cpp) adds the product to an fp32
+A forward hook routes each layer's output through an identity autograd.Function (_Tap) that saves the
+layer's input x; its backward receives dY during the ordinary backward pass, and torch.ops.lorakern.capture_accumulate_ (csrc/capture.cpp) adds the product to an fp32
 accumulator: G itself (exact mode), G @ Omega (range pass) or Q^T G (co-range pass). The base weights never
 require grad and no weight gradient is materialized; the model's own .grad fields and requires_grad flags
 are restored afterwards. Under torch.distributed the accumulators are summed across ranks after each pass.
@@ -41,6 +41,30 @@ class _LayerState:
         self.hits = 0
 
 
+class _Tap(torch.autograd.Function):
+    """Identity on the layer output whose backward accumulates (x, dY) into the layer's capture state.
+
+    x goes through save_for_backward, so autograd's version check catches an in-place change of x after
+    the forward, and activation checkpointing can drop and recompute it like any saved activation. The
+    output is a fresh tensor (not a view), so in-place ops after the layer (ReLU(inplace=True)) are fine.
+    """
+
+    @staticmethod
+    def forward(ctx, y, x, state):
+        ctx.state = state
+        ctx.save_for_backward(x)
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        st = ctx.state
+        if st.acc is not None:
+            accumulate(st.acc, x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]), st.probe_in, st.probe_out)
+            st.hits += 1
+        return dy, None, None
+
+
 def check_reiterable(batches, passes: int) -> None:
     if passes > 1 and iter(batches) is batches:
         raise ValueError(f"batches is a one-shot iterator but {passes} passes over it are needed; "
@@ -62,10 +86,16 @@ def check_same_layout_across_ranks(layers: dict[str, LoRALinear]) -> None:
                          f"(names, shapes, ranks); every rank must hold the same model")
 
 
+def accumulator_dtype(layer: LoRALinear) -> torch.dtype:
+    return torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
+
+
 class GradientCapture:
     """Runs passes of loss_fn(model, batch).backward() over `batches`, accumulating per-layer products.
 
-    Usage: set each layer's state (accumulator + probe) with `prepare`, call `run_pass`, read `states`.
+    Usage: give each entry of `states` an accumulator (and a probe), call `run_pass`, read `states`.
+    Every pass must see the same function of the same data: the RNG is re-seeded at the start of each pass
+    (dropout masks repeat) and the losses of later passes are checked against the first pass's.
     """
 
     def __init__(self, model: torch.nn.Module, layers: dict[str, LoRALinear], batches: Iterable,
@@ -74,54 +104,61 @@ class GradientCapture:
         self.seed, self.progress = seed, progress
         self.states = {n: _LayerState() for n in layers}
         self.n_batches = 0
+        self.first_losses: list[float] | None = None
+        self.device = next(iter(layers.values())).weight.device
 
     def _hook(self, name: str):
         state = self.states[name]
 
-        def on_forward(module, inputs, output):
+        def on_forward(module, args, kwargs, output):
             if state.acc is None or not (torch.is_grad_enabled() and output.requires_grad):
-                return
-            x = inputs[0].detach()
-
-            def on_grad(dy):
-                accumulate(state.acc, x.reshape(-1, x.shape[-1]), dy.detach().reshape(-1, dy.shape[-1]),
-                           state.probe_in, state.probe_out)
-                state.hits += 1
-
-            output.register_hook(on_grad)
+                return None
+            x = args[0] if args else next(iter(kwargs.values()))
+            return _Tap.apply(output, x.detach(), state)
 
         return on_forward
 
     @contextlib.contextmanager
     def _session(self):
-        """Hooks on; gradients flow through the adapters; the user's grads and flags come back afterwards."""
+        """Hooks on; gradients flow through the adapters; afterwards the user's grads, requires_grad flags,
+        buffers (e.g. BatchNorm running statistics) and RNG states are as they were."""
         params = list(self.model.parameters())
         flags = [p.requires_grad for p in params]
         grads = [p.grad for p in params]
-        handles = [m.register_forward_hook(self._hook(n)) for n, m in self.layers.items()]
+        buffers = [(b, b.clone()) for b in self.model.buffers()]
+        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        handles = [m.register_forward_hook(self._hook(n), with_kwargs=True) for n, m in self.layers.items()]
         try:
-            for p in params:
-                p.grad = None
-            for m in self.layers.values():  # the backward must reach every layer's output
-                m.lora_A.requires_grad_(True)
-                m.lora_B.requires_grad_(True)
-            yield
+            with torch.random.fork_rng(devices=cuda), torch.enable_grad():
+                for p in params:
+                    p.grad = None
+                for m in self.layers.values():  # the backward must reach every layer's output
+                    m.lora_A.requires_grad_(True)
+                    m.lora_B.requires_grad_(True)
+                yield
         finally:
             for h in handles:
                 h.remove()
             for p, flag, g in zip(params, flags, grads):
                 p.requires_grad_(flag)
                 p.grad = g
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+
+    def _all_reduce(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)  # NCCL needs device tensors
+        dist.all_reduce(t)
+        return t.tolist()
 
     def run_pass(self, desc: str = "capture") -> int:
-        """One pass over the batches with the same RNG stream every pass (dropout masks repeat, so every pass
-        sees the same G; ranks get streams of their own). Returns the number of batches, summed over ranks."""
+        """One pass over the batches. Returns the number of batches, summed over ranks."""
         for s in self.states.values():
             s.hits = 0
-        devices = sorted({p.device.index for p in self.model.parameters() if p.device.type == "cuda"})
-        n = 0
-        with self._session(), torch.random.fork_rng(devices=devices), torch.enable_grad():
-            torch.manual_seed(self.seed + (dist.get_rank() if distributed_world() > 1 else 0))
+        losses = []
+        rank = dist.get_rank() if distributed_world() > 1 else 0
+        with self._session():
+            torch.manual_seed(self.seed + rank)  # same stream every pass; ranks get streams of their own
             for batch in self.progress(self.batches, desc) if self.progress else self.batches:
                 loss = self.loss_fn(self.model, batch)
                 if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
@@ -129,37 +166,58 @@ class GradientCapture:
                 loss.backward()
                 for p in self.model.parameters():  # adapter grads are a by-product: drop them as we go
                     p.grad = None
-                n += 1
-        if n == 0:
-            raise ValueError("batches is empty: the gradient capture needs at least one batch")
-        if distributed_world() > 1:
-            count = torch.tensor([n], dtype=torch.float64)
-            dist.all_reduce(count)
-            n = int(count.item())
+                losses.append(loss.detach())
+        losses = torch.stack(losses).tolist() if losses else []  # one sync per pass, not per batch
+        n = len(losses)
+        if distributed_world() > 1:  # reduce before raising, so that a rank with no batch cannot hang the rest
+            names = list(self.states)
+            reduced = self._all_reduce([n] + [self.states[k].hits for k in names])
+            n = int(reduced[0])
+            for k, h in zip(names, reduced[1:]):
+                self.states[k].hits = int(h)
             for s in self.states.values():
                 if s.acc is not None:
                     dist.all_reduce(s.acc)
-                hits = torch.tensor([s.hits], dtype=torch.float64)
-                dist.all_reduce(hits)
-                s.hits = int(hits.item())
+        if n == 0:
+            raise ValueError("batches is empty: the gradient capture needs at least one batch")
+        self._check_finite()  # fail on the first pass that sees NaN/Inf, naming the layer
+        self._check_same_data(losses)
         self.n_batches = n
         return n
 
-    def check_results(self) -> list[str]:
-        """Names of layers that got no gradient (with a warning); raises on NaN/Inf accumulators."""
-        missing = [n for n, s in self.states.items() if s.acc is not None and s.hits == 0]
-        if missing:
-            warnings.warn(f"spectral_init: {len(missing)} LoRA layer(s) received no gradient from loss_fn and keep "
-                          f"their previous init: {missing[:5]}", RuntimeWarning, stacklevel=3)
+    def _check_same_data(self, losses: list[float]) -> None:
+        if self.first_losses is None:
+            self.first_losses = losses
+            return
+        ref = self.first_losses
+        same = len(ref) == len(losses) and all(abs(a - b) <= 1e-4 * max(1.0, abs(a)) for a, b in zip(ref, losses))
+        if not same:
+            raise ValueError("spectral_init: the passes over `batches` did not see the same data (losses "
+                             f"{ref[:3]}... then {losses[:3]}..., {len(ref)} vs {len(losses)} batches); the sketch "
+                             "needs the same batches in the same order every pass: pass a list, a DataLoader "
+                             "without shuffling or random augmentation, or use mode='exact'")
+
+    def _check_finite(self) -> None:
         for n, s in self.states.items():
             if s.acc is not None and not bool(torch.isfinite(s.acc).all()):
                 raise FloatingPointError(f"spectral_init: the gradient of layer {n!r} contains NaN or Inf")
+
+    def check_results(self) -> list[str]:
+        """Names of layers that got no gradient, or an exactly zero one (with a warning; they keep their
+        init); raises on NaN/Inf accumulators."""
+        self._check_finite()
+        missing = [n for n, s in self.states.items()
+                   if s.acc is not None and (s.hits == 0 or not bool(s.acc.any()))]
+        if missing:
+            warnings.warn(f"spectral_init: {len(missing)} LoRA layer(s) received no (or an exactly zero) gradient "
+                          f"from loss_fn and keep their previous init: {missing[:5]}", RuntimeWarning, stacklevel=3)
         return missing
 
 
 def capture_gradients(model: torch.nn.Module, batches: Iterable, loss_fn: Callable,
-                      layers: dict[str, LoRALinear] | None = None, dtype=torch.float32) -> dict[str, torch.Tensor]:
-    """The mean over `batches` of dL/dW (out, in) for every LoRALinear base weight (exact mode), in `dtype`.
+                      layers: dict[str, LoRALinear] | None = None, dtype=None) -> dict[str, torch.Tensor]:
+    """The mean over `batches` of dL/dW (out, in) for every LoRALinear base weight (exact mode), in `dtype`
+    (default fp32, fp64 for fp64 layers).
 
     Layers that receive no gradient are left out (with a warning).
     """
@@ -169,7 +227,8 @@ def capture_gradients(model: torch.nn.Module, batches: Iterable, loss_fn: Callab
         raise ValueError("model has no LoRALinear layers")
     cap = GradientCapture(model, layers, batches, loss_fn)
     for n, m in layers.items():
-        cap.states[n].acc = torch.zeros(m.out_features, m.in_features, dtype=dtype, device=m.weight.device)
+        cap.states[n].acc = torch.zeros(m.out_features, m.in_features, dtype=dtype or accumulator_dtype(m),
+                                        device=m.weight.device)
     n = cap.run_pass()
     missing = cap.check_results()
     return {name: s.acc / n for name, s in cap.states.items() if name not in missing}

@@ -26,12 +26,13 @@ def check_rank(r: object, in_features: int, out_features: int, name: str = "r") 
     return r
 
 
-def _check_weight(weight: torch.Tensor, r: object) -> tuple[int, int, torch.dtype]:
+def _check_weight(weight: torch.Tensor, r: object, name: str = "weight") -> tuple[int, int, torch.dtype]:
+    """Validate a 2-D (out, in) float matrix and the rank; returns (out, in, work dtype)."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError(f"weight must be a 2-D (out_features, in_features) tensor, got "
+        raise ValueError(f"{name} must be a 2-D (out_features, in_features) tensor, got "
                          f"{getattr(weight, 'shape', type(weight).__name__)}")
     if not weight.is_floating_point():
-        raise TypeError(f"weight must be floating point, got {weight.dtype}")
+        raise TypeError(f"{name} must be floating point, got {weight.dtype}")
     out_f, in_f = weight.shape
     check_rank(r, in_f, out_f)
     work = torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -106,18 +107,14 @@ def nystrom(weight: torch.Tensor, r: int, xi: float | None = None, generator: to
 
 
 def _check_grad(grad: torch.Tensor, r: object, k: int = 1) -> torch.dtype:
-    if not isinstance(grad, torch.Tensor) or grad.dim() != 2:
-        raise ValueError(f"grad must be a 2-D (out_features, in_features) tensor, got "
-                         f"{getattr(grad, 'shape', type(grad).__name__)}")
-    if not grad.is_floating_point():
-        raise TypeError(f"grad must be floating point, got {grad.dtype}")
-    out_f, in_f = grad.shape
-    check_rank(r, in_f, out_f)
+    out_f, in_f, work = _check_weight(grad, r, name="grad")
     if k * r > min(out_f, in_f):
         raise ValueError(f"r={r}: this init needs {k}*r <= min(out_features, in_features) = {min(out_f, in_f)}")
     if not torch.isfinite(grad).all():
         raise ValueError("grad contains NaN or Inf")
-    return torch.float64 if grad.dtype == torch.float64 else torch.float32
+    if not grad.any():
+        raise ValueError("grad is all zeros: there is no direction to initialize from (A = B = 0 would never train)")
+    return work
 
 
 def lora_one_from_svd(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, r: int, s: float = 1.0,

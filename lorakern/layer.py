@@ -113,8 +113,8 @@ class LoRALinear(nn.Linear):
                 self.weight.copy_(out[2])
 
     # -- forward ---------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self.weight, self.bias
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # nn.Linear's argument name, so input= works
+        x, w, b = input, self.weight, self.bias
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() == 0 or x.shape[-1] != self.in_features:

@@ -16,14 +16,20 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def orthonormalize(Y: torch.Tensor) -> torch.Tensor:
-    """An orthonormal basis of the columns of Y (..., m, q), q <= m: CholeskyQR2, Householder QR fallback."""
-    if Y.device.type == "cpu":  # LAPACK's Householder QR is as fast as CholeskyQR2 on the CPU and never fails
+def orthonormalize(Y: torch.Tensor, method: str = "auto") -> torch.Tensor:
+    """An orthonormal basis of the columns of Y (..., m, q), q <= m.
+
+    method "auto": Householder QR on the CPU (LAPACK is as fast there and never fails), CholeskyQR2 on other
+    devices; "cholqr2" forces CholeskyQR2 (still falling back to Householder when a Cholesky fails, i.e.
+    for rank-deficient or very ill-conditioned Y); "householder" forces torch.linalg.qr.
+    """
+    if method not in ("auto", "cholqr2", "householder"):
+        raise ValueError(f"method must be 'auto', 'cholqr2' or 'householder', got {method!r}")
+    if method == "householder" or (method == "auto" and Y.device.type == "cpu"):
         return torch.linalg.qr(Y, mode="reduced").Q
     Q = Y
     for _ in range(2):
-        G = Q.mT @ Q
-        L, info = torch.linalg.cholesky_ex(G)
+        L, info = torch.linalg.cholesky_ex(Q.mT @ Q)
         if bool((info != 0).any()):
             return torch.linalg.qr(Y, mode="reduced").Q
         Q = torch.linalg.solve_triangular(L, Q.mT, upper=False).mT  # Q L^{-T}

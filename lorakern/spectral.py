@@ -8,7 +8,8 @@ mode="exact" accumulates G (out x in, fp32) per layer in one pass: small models 
 mode="sketch" never forms G: a randomized range finder over 2 + 2 * n_iter passes over `batches`
   (pass 1: Y = G Omega; pass 2: Z = Q^T G with Q = orth(Y); each power iteration adds Y = G orth(Z^T) and
   Z = Q^T G), memory (out + in) * q per layer with q = k + oversample (k = r, or 2r for LoRA-GA).
-The sketch probes are seeded by `seed` and the layer's position, so every data-parallel rank draws the same
+Every pass must see the same batches in the same order (checked through the losses). The sketch probes are
+seeded by `seed` and the layer's position, so every data-parallel rank draws the same
 ones and the per-rank sums are all-reduced after each pass.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from lorakern import init as lora_init
-from lorakern.capture import GradientCapture, check_reiterable, check_same_layout_across_ranks
+from lorakern.capture import GradientCapture, accumulator_dtype, check_reiterable, check_same_layout_across_ranks
 from lorakern.linalg import orthonormalize, svd_from_projection
 from lorakern.model import lora_modules
 
@@ -42,7 +43,8 @@ def _svd_of_capture(cap: GradientCapture, layers, need: dict[str, int], mode: st
     """Runs the passes; returns {name: (U, S, Vh)} of the mean gradient G for layers that got a gradient."""
     if mode == "exact":
         for n, m in layers.items():
-            cap.states[n].acc = torch.zeros(m.out_features, m.in_features, dtype=torch.float32, device=m.weight.device)
+            cap.states[n].acc = torch.zeros(m.out_features, m.in_features, dtype=accumulator_dtype(m),
+                                            device=m.weight.device)
         nb = cap.run_pass("capture G")
         missing = cap.check_results()
         out = {}
@@ -59,15 +61,17 @@ def _svd_of_capture(cap: GradientCapture, layers, need: dict[str, int], mode: st
     Q = {}
     for i, (n, m) in enumerate(layers.items()):  # range pass probes: Omega (in, q), identical on every rank
         gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
-        cap.states[n].probe_in = torch.randn(m.in_features, qs[n], generator=gen).to(m.weight.device)
+        cap.states[n].probe_in = torch.randn(m.in_features, qs[n], generator=gen,
+                                             dtype=accumulator_dtype(m)).to(m.weight.device)
     for it in range(n_iter + 1):
         for n, m in layers.items():
             st = cap.states[n]
-            st.acc, st.probe_out = torch.zeros(m.out_features, qs[n], device=m.weight.device), None
+            st.acc = torch.zeros(m.out_features, qs[n], dtype=accumulator_dtype(m), device=m.weight.device)
+            st.probe_out = None
         cap.run_pass(f"sketch G·Ω ({it + 1}/{n_iter + 1})")
         for n, st in cap.states.items():
             Q[n] = orthonormalize(st.acc)
-            st.acc = torch.zeros(qs[n], layers[n].in_features, device=Q[n].device)
+            st.acc = torch.zeros(qs[n], layers[n].in_features, dtype=Q[n].dtype, device=Q[n].device)
             st.probe_in, st.probe_out = None, Q[n]
         nb = cap.run_pass(f"sketch Qᵀ·G ({it + 1}/{n_iter + 1})")
         if it < n_iter:
@@ -130,8 +134,10 @@ def spectral_init(model: torch.nn.Module, batches: Iterable, loss_fn: Callable, 
                 A, B = lora_init.lora_one_from_svd(-U, S, Vh, m.r, s=s, normalize=normalize, gamma=gamma)
             else:
                 A, B, off = lora_init.lora_ga_from_svd(-U, Vh, m.r, c=c, scaling=m.scaling)
+                # W <- W + (old adapter product) - (new one): the output is unchanged even when the adapters
+                # were not zero (PiSSA, a loaded adapter, a second call)
                 work = torch.promote_types(m.weight.dtype, torch.float32)
-                m.weight.copy_(m.weight.to(work) - off.to(work))
+                m.weight.copy_(m.weight.to(work) + m.delta_weight().to(work) - off.to(work))
             m.lora_A.copy_(A)
             m.lora_B.copy_(B)
             spectra[n] = S.detach().cpu()

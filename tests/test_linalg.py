@@ -43,11 +43,25 @@ def test_exact_low_rank_and_batch_and_dtype():
     assert bf[0].dtype == torch.bfloat16
 
 
-def test_orthonormalize_rank_deficient_falls_back():
-    Y = torch.randn(30, 4, dtype=torch.float64)
-    Y[:, 3] = Y[:, 0]  # rank 3: Cholesky of the Gram matrix breaks down on the GPU path
-    Q = orthonormalize(Y)
-    assert torch.isfinite(Q).all() and Q.shape == (30, 4)
+@pytest.mark.parametrize("method", ["cholqr2", "householder", "auto"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_orthonormalize_keeps_the_range(method, dtype):
+    Y = torch.randn(3, 50, 7, dtype=dtype) @ torch.diag(torch.logspace(0, 2, 7, dtype=dtype))  # cond ~ 100
+    Q = orthonormalize(Y, method)
+    eye = torch.eye(7, dtype=dtype).expand(3, 7, 7)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert (Q.mT @ Q - eye).abs().max() < tol
+    assert ((Q @ (Q.mT @ Y)) - Y).norm() / Y.norm() < tol
+
+
+def test_cholqr2_falls_back_on_rank_deficient_input():
+    Y = torch.randn(30, 4)
+    Y[:, 3] = Y[:, 0]  # singular Gram matrix: the Cholesky fails, Householder takes over
+    Q = orthonormalize(Y, "cholqr2")
+    assert torch.isfinite(Q).all() and (Q.T @ Q - torch.eye(4)).abs().max() < 1e-5
+    assert ((Q @ (Q.T @ Y)) - Y).norm() / Y.norm() < 1e-5
+    with pytest.raises(ValueError, match="method"):
+        orthonormalize(Y, "gram-schmidt")
 
 
 @pytest.mark.parametrize("kwargs, match", [
