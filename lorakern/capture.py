@@ -107,6 +107,12 @@ class GradientCapture:
         self.first_losses: list[float] | None = None
         self.device = next(iter(layers.values())).weight.device
 
+    def prepare_exact(self, dtype=None) -> None:
+        """Give every layer an (out, in) accumulator of G itself (fp32, or fp64 for fp64 layers)."""
+        for n, m in self.layers.items():
+            self.states[n].acc = torch.zeros(m.out_features, m.in_features, dtype=dtype or accumulator_dtype(m),
+                                             device=m.weight.device)
+
     def _hook(self, name: str):
         state = self.states[name]
 
@@ -226,9 +232,7 @@ def capture_gradients(model: torch.nn.Module, batches: Iterable, loss_fn: Callab
     if not layers:
         raise ValueError("model has no LoRALinear layers")
     cap = GradientCapture(model, layers, batches, loss_fn)
-    for n, m in layers.items():
-        cap.states[n].acc = torch.zeros(m.out_features, m.in_features, dtype=dtype or accumulator_dtype(m),
-                                        device=m.weight.device)
+    cap.prepare_exact(dtype)
     n = cap.run_pass()
     missing = cap.check_results()
     return {name: s.acc / n for name, s in cap.states.items() if name not in missing}

@@ -4,7 +4,7 @@ method="lora-one" (lora-one.txt Algorithm 1): -G = U S Vh, B A = (1/s) U_r diag(
   weight is not modified.
 method="lora-ga" (lora-one.txt App. F eq. (91)): A from Vh[:r], B from U[:, r:2r]; the base weight becomes
   W - scaling * B A, so the model's output is unchanged at init.
-mode="exact" accumulates G (out x in, fp32) per layer in one pass: small models and tests.
+mode="exact" accumulates G (out x in, fp32; fp64 for fp64 layers) per layer in one pass: small models and tests.
 mode="sketch" never forms G: a randomized range finder over 2 + 2 * n_iter passes over `batches`
   (pass 1: Y = G Omega; pass 2: Z = Q^T G with Q = orth(Y); each power iteration adds Y = G orth(Z^T) and
   Z = Q^T G), memory (out + in) * q per layer with q = k + oversample (k = r, or 2r for LoRA-GA).
@@ -42,9 +42,7 @@ def _svd_of_capture(cap: GradientCapture, layers, need: dict[str, int], mode: st
                     oversample: int, seed: int):
     """Runs the passes; returns {name: (U, S, Vh)} of the mean gradient G for layers that got a gradient."""
     if mode == "exact":
-        for n, m in layers.items():
-            cap.states[n].acc = torch.zeros(m.out_features, m.in_features, dtype=accumulator_dtype(m),
-                                            device=m.weight.device)
+        cap.prepare_exact()
         nb = cap.run_pass("capture G")
         missing = cap.check_results()
         out = {}
