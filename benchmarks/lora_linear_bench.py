@@ -1,16 +1,18 @@
 """LoRA layer forward and forward+backward against the frozen layer and the peers, measured in one run.
 
-    python benchmarks/lora_linear_bench.py --device cuda --dtype bf16            # the issue-4 table
+    python benchmarks/lora_linear_bench.py --device cuda --dtype bf16 --r 16 64 --check   # the issue-4 table
     python benchmarks/lora_linear_bench.py --device cpu --dtype fp32 --shapes 512x1024x1024 --json out.json
 
 Variants (each on the same x, W, A, B):
   frozen      nn.Linear forward; backward computes dX only (W frozen): the floor
-  lorakern    lorakern.LoRALinear with the "auto" backend (C++ on the CPU, torch/cuBLAS on CUDA for now)
-  lk-torch    lorakern.LoRALinear forced onto the plain-torch path
+  lorakern    lorakern.LoRALinear with the "auto" backend (Triton kernels on CUDA, C++ on the CPU)
+  lk-torch    lorakern.LoRALinear forced onto the plain-torch path (on CUDA: cuBLAS GEMMs with the rank-r
+              products as separate cuBLAS calls -- the "cuBLAS + LoRA around it" design, for the dispatch choice)
   eager       x @ W^T + b + s * (x @ A^T) @ B^T written out, autograd does the rest
   peft        peft's LoRA layer (peft.get_peft_model on a one-layer module)
   compile     torch.compile of the eager form (CUDA only; compile time excluded)
 Times are medians (CUDA events on GPU, perf_counter on CPU); ratios are to `frozen` in the same run.
+--check first compares every variant's y, dX, dA, dB with float64 (relative Frobenius error, column `err`).
 """
 from __future__ import annotations
 
@@ -98,13 +100,54 @@ def build_variants(M, k, n, r, dtype, device, adapter_dtype=None):
     return out
 
 
-def run_shape(M, k, n, r, dtype, device, warmup, iters, adapter_dtype=None):
+def _adapter_params(mod, r, k, n):
+    """(A, B) of a variant, found by shape: (r, in) and (out, r) among its trainable parameters."""
+    ps = [p for p in mod.parameters() if p.requires_grad]
+    A = next((p for p in ps if tuple(p.shape) == (r, k)), None)
+    B = next((p for p in ps if tuple(p.shape) == (n, r) and p is not A), None)
+    return A, B
+
+
+def check_errors(mod, x, dy, base, r) -> float:
+    """Largest relative Frobenius error against float64 over y, dX and (for LoRA variants) dA, dB."""
+    M, k = x.shape
+    n = dy.shape[1]
+    A, B = _adapter_params(mod, r, k, n)
+    x.grad = None
+    for p in (A, B):
+        if p is not None:
+            p.grad = None
+    y = mod(x)
+    y.backward(dy)
+    X = x.detach().double().requires_grad_(True)
+    ref = X @ base.weight.double().T + base.bias.double()
+    leaves = [X]
+    if A is not None:
+        Ad, Bd = A.detach().double().requires_grad_(True), B.detach().double().requires_grad_(True)
+        ref = ref + 2.0 * (X @ Ad.T) @ Bd.T  # every variant has alpha = 2r: scaling 2
+        leaves += [Ad, Bd]
+    grads = torch.autograd.grad(ref, leaves, dy.double())
+    errs = [_rel(y, ref)] + [_rel(t.grad, g) for t, g in zip([x] + ([A, B] if A is not None else []), grads)]
+    return max(errs)
+
+
+def _rel(a, ref) -> float:
+    if a is None:
+        return float("inf")
+    a, ref = a.detach().double(), ref.detach().double()
+    return ((a - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def run_shape(M, k, n, r, dtype, device, warmup, iters, adapter_dtype=None, check=False):
     mods = build_variants(M, k, n, r, dtype, device, adapter_dtype)
     x = torch.randn(M, k, device=device, dtype=dtype, requires_grad=True)
     dy = torch.randn(M, n, device=device, dtype=dtype)
     rows = {}
     for name, mod in mods.items():
         lk.set_backend("torch" if name == "lk-torch" else "auto")
+        err = check_errors(mod, x, dy, mods["frozen"], r) if check else None
+        for p in mod.parameters():
+            p.grad = None
 
         def fwd():
             with torch.no_grad():
@@ -119,6 +162,8 @@ def run_shape(M, k, n, r, dtype, device, warmup, iters, adapter_dtype=None):
         row = {"fwd_ms": timed(fwd, device, warmup, iters), "fwd_bwd_ms": timed(fwd_bwd, device, warmup, iters)}
         if device.type == "cuda":
             row["peak_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
+        if err is not None:
+            row["err"] = err
         rows[name] = row
     lk.set_backend("auto")
     floor = rows["frozen"]
@@ -138,20 +183,24 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--check", action="store_true", help="compare every variant with float64 first")
     a = p.parse_args(argv)
     device, dtype = torch.device(a.device), DTYPES[a.dtype]
     adt = DTYPES[a.adapter_dtype] if a.adapter_dtype else None
     results = []
     print(f"device={device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), dtype={a.dtype}, "
           f"adapter_dtype={a.adapter_dtype or a.dtype}, torch {torch.__version__}, backends {lk.backends()}")
-    print(f"{'shape':>18} {'r':>4} {'variant':>9} {'fwd ms':>9} {'x floor':>8} {'fwd+bwd ms':>11} {'x floor':>8}")
+    print(f"{'shape':>18} {'r':>4} {'variant':>9} {'fwd ms':>9} {'x floor':>8} {'fwd+bwd ms':>11} {'x floor':>8}"
+          + (f" {'peak MiB':>8}" if device.type == "cuda" else "") + (f" {'err':>8}" if a.check else ""))
     for shape in a.shapes:
         M, k, n = (int(v) for v in shape.lower().split("x"))
         for r in a.r:
-            rows = run_shape(M, k, n, r, dtype, device, a.warmup, a.iters, adt)
+            rows = run_shape(M, k, n, r, dtype, device, a.warmup, a.iters, adt, a.check)
             for name, row in rows.items():
+                extra = f" {row.get('peak_mib', 0):8.0f}" if "peak_mib" in row else ""
+                extra += f" {row['err']:8.1e}" if "err" in row else ""
                 print(f"{shape:>18} {r:>4} {name:>9} {row['fwd_ms']:9.3f} {row['fwd_ratio']:8.2f} "
-                      f"{row['fwd_bwd_ms']:11.3f} {row['fwd_bwd_ratio']:8.2f}")
+                      f"{row['fwd_bwd_ms']:11.3f} {row['fwd_bwd_ratio']:8.2f}{extra}")
                 results.append({"shape": shape, "r": r, "variant": name, **row})
     if a.json:
         with open(a.json, "w") as f:

@@ -24,8 +24,17 @@ def test_set_backend_selects_the_cpu_path():
 def test_bad_backend_names():
     with pytest.raises(ValueError, match="backend must be one of"):
         lk.set_backend("cuda")
-    with pytest.raises(RuntimeError, match="Triton kernels are not available"):
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's rule for forcing triton")
+def test_triton_on_the_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert lk.backends()["triton"] is False
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         lk.set_backend("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    lk.set_backend("triton")
+    assert _backend.resolve(torch.device("cpu")) == "triton"
 
 
 def test_environment_variable(monkeypatch):

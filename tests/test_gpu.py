@@ -57,3 +57,44 @@ def test_spectral_init_on_cuda_matches_cpu():
     for n, m in lk.lora_modules(model).items():
         g = lk.lora_modules(gpu)[n]
         assert rel_err(g.delta_weight().cpu(), m.delta_weight()) < 1e-4
+
+
+@pytest.mark.parametrize("dtype, adt, r, tol", [
+    (torch.bfloat16, torch.bfloat16, 1, 1e-2), (torch.bfloat16, torch.bfloat16, 64, 1e-2),
+    (torch.bfloat16, torch.float32, 16, 1e-2), (torch.float16, torch.float16, 256, 5e-3),
+    (torch.float32, torch.float32, 33, 1e-5)])
+def test_triton_kernels_on_cuda_match_float64(dtype, adt, r, tol):
+    """The Triton path itself (forced), at a size where the autotuned Hopper tiles and the atomics engage."""
+    from test_lora_linear_triton import _reference, ops
+    lk.set_backend("triton")
+    M, n_in, n_out = 1031, 1000, 777
+    x = torch.randn(M, n_in, device="cuda").to(dtype).requires_grad_(True)
+    W = (torch.randn(n_out, n_in, device="cuda") / n_in ** 0.5).to(dtype)
+    b = torch.randn(n_out, device="cuda").to(dtype)
+    A = (torch.randn(r, n_in, device="cuda") / n_in ** 0.5).to(adt).requires_grad_(True)
+    B = torch.randn(n_out, r, device="cuda").to(adt).requires_grad_(True)
+    y = ops.lora_linear(x, W, b, A, B, 0.7)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    ref = _reference(x, W, b, A, B, 0.7, dy)
+    for got, want in zip((y, x.grad, A.grad, B.grad), ref):
+        assert torch.isfinite(got).all() and rel_err(got, want) < tol
+
+
+def test_triton_dropout_on_cuda_uses_one_mask():
+    from test_lora_linear_triton import _check, _reference, ops
+    lk.set_backend("triton")
+    eye = torch.eye(257, device="cuda")
+    gen = lambda: torch.Generator(device="cuda").manual_seed(7)  # noqa: E731
+    y = ops.lora_linear(torch.ones(300, 257, device="cuda"), torch.zeros(257, 257, device="cuda"), None,
+                        eye, eye, 1.0, 0.25, gen())
+    keep = y != 0
+    assert abs(keep.float().mean().item() - 0.75) < 0.01
+    x = torch.randn(300, 257, device="cuda", requires_grad=True)
+    W, b = torch.randn(100, 257, device="cuda"), torch.randn(100, device="cuda")
+    A = torch.randn(8, 257, device="cuda", requires_grad=True)
+    B = torch.randn(100, 8, device="cuda", requires_grad=True)
+    y = ops.lora_linear(x, W, b, A, B, 0.9, 0.25, gen())
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    _check(y, (x.grad, A.grad, B.grad), _reference(x, W, b, A, B, 0.9, dy, keep, 0.25), 1e-5)

@@ -1,19 +1,26 @@
 """The LoRA linear operation y = x W^T + b + s * (drop(x) A^T) B^T and its autograd.Function.
 
-Two implementations of the same pair of functions (forward -> (y, xa), backward -> (dx, dA, dB)):
-- torch: plain PyTorch (the reference, and the CUDA path until the Triton kernels land);
-- cpp:   torch.ops.lorakern.lora_forward/lora_backward from csrc/lora_cpu.cpp (the CPU path).
+Three implementations of the same pair of functions (forward -> (y, xa), backward -> (dx, dA, dB)):
+- triton: the fused kernels of lora_linear_triton.py (the CUDA path; the CPU interpreter in tests);
+- cpp:    torch.ops.lorakern.lora_forward/lora_backward from csrc/lora_cpu.cpp (the CPU path);
+- torch:  plain PyTorch (the reference, and the fallback for dtypes the kernels do not take, e.g. float64).
 
 The backward saves what it needs and nothing more: x_l = drop(x) (for dA) and xa = x_l A^T (for dB),
-never the (M, out) output. With dropout it also keeps the mask as bool (1 byte/element); the weight
-gradient (and so x itself) is only computed when the caller has unfrozen the base weight.
+never the (M, out) output. With dropout the torch/cpp paths also keep the mask as bool (1 byte/element);
+the Triton path regenerates it from a Philox seed and saves x itself. The weight gradient (and so x
+itself) is only computed when the caller has unfrozen the base weight.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from lorakern import _backend
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_warned_fallback = False
 
 
 def _forward_torch(x, weight, bias, x_lora, lora_A, lora_B, scaling: float):
@@ -50,10 +57,36 @@ def _backward_torch(grad_y, x_lora, xa, weight, lora_A, lora_B, scaling: float, 
     return dx, dA, dB
 
 
-def _impls(device: torch.device):
-    if _backend.resolve(device) == "cpp":
+def _impls(impl: str):
+    if impl == "cpp":
         return torch.ops.lorakern.lora_forward, torch.ops.lorakern.lora_backward
     return _forward_torch, _backward_torch
+
+
+def _triton_ops():
+    """The kernel module, imported on first use so that TRITON_INTERPRET set after `import lorakern` counts."""
+    from lorakern.ops import lora_linear_triton
+    return lora_linear_triton
+
+
+def _choose(x, lora_A) -> str:
+    impl = _backend.resolve(x.device)
+    if impl == "triton" and (x.dtype not in _TRITON_DTYPES or lora_A.dtype not in _TRITON_DTYPES):
+        global _warned_fallback
+        if not _warned_fallback:
+            _warned_fallback = True
+            warnings.warn(f"lorakern: the Triton kernels take float16/bfloat16/float32; x is {x.dtype} and the "
+                          f"adapters {lora_A.dtype}, so this layer runs the plain torch implementation "
+                          f"(warned once)", stacklevel=4)
+        impl = "torch"
+    if impl == "triton" and x.shape[0] == 0:
+        impl = "torch"  # nothing to launch
+    return impl
+
+
+def _dropout_seed(generator) -> torch.Tensor:
+    device = generator.device if generator is not None else "cpu"
+    return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64, generator=generator)
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -65,7 +98,18 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, generator):
-        fwd, _ = _impls(x.device)
+        ctx.impl = impl = _choose(x, lora_A)
+        ctx.scaling = float(scaling)
+        ctx.dropout_p = dropout_p
+        ctx.has_bias = bias is not None
+        if impl == "triton":
+            seed = _dropout_seed(generator) if dropout_p > 0.0 else x.new_zeros((1,), dtype=torch.int64)
+            x = x if x.stride(-1) == 1 else x.contiguous()
+            y, xa = _triton_ops().forward(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed)
+            # x is saved once, for dA (with the seed's mask) and, if the base is unfrozen, for dW.
+            ctx.save_for_backward(x, xa, weight, lora_A, lora_B, seed)
+            return y
+        fwd, _ = _impls(impl)
         keep = None
         if dropout_p > 0.0:
             keep = torch.empty_like(x).bernoulli_(1.0 - dropout_p, generator=generator).bool()
@@ -73,9 +117,6 @@ class LoRALinearFunction(torch.autograd.Function):
         else:
             x_lora = x
         y, xa = fwd(x, weight, bias, x_lora, lora_A, lora_B, float(scaling))
-        ctx.scaling = float(scaling)
-        ctx.dropout_p = dropout_p
-        ctx.has_bias = bias is not None
         # x itself only when the (normally frozen) base weight wants a gradient.
         x_saved = x if ctx.needs_input_grad[1] else None
         ctx.save_for_backward(x_lora, xa, weight, lora_A, lora_B, keep, x_saved)
@@ -84,10 +125,16 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # double backward through dA/dB is not implemented: fail loudly, never silently wrong
     def backward(ctx, grad_y):
-        x_lora, xa, weight, lora_A, lora_B, keep, x = ctx.saved_tensors
-        _, bwd = _impls(grad_y.device)
         need_dx, need_dW, need_db, need_dA, need_dB = ctx.needs_input_grad[:5]
         grad_y = grad_y.contiguous()
+        if ctx.impl == "triton":
+            x, xa, weight, lora_A, lora_B, seed = ctx.saved_tensors
+            dx, dA, dB = _triton_ops().backward(grad_y, x, xa, weight, lora_A, lora_B, ctx.scaling,
+                                                float(ctx.dropout_p), seed, need_dx, need_dA, need_dB)
+            return (dx, grad_y.t() @ x if need_dW else None, grad_y.sum(0) if (need_db and ctx.has_bias) else None,
+                    dA, dB, None, None, None)
+        x_lora, xa, weight, lora_A, lora_B, keep, x = ctx.saved_tensors
+        _, bwd = _impls(ctx.impl)
         mask = None
         if keep is not None and need_dx:
             mask = keep.to(lora_A.dtype) / (1.0 - ctx.dropout_p)
@@ -98,8 +145,37 @@ class LoRALinearFunction(torch.autograd.Function):
         return dx, dW, db, dA, dB, None, None, None
 
 
+def _check_inputs(x, weight, bias, lora_A, lora_B) -> None:
+    """Clear errors here instead of a wrong answer or a crash inside a kernel."""
+    named = {"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B}
+    for name, t in named.items():
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dim() < 1 or weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
+        raise ValueError(f"expected x (..., in), weight (out, in), lora_A (r, in), lora_B (out, r); got shapes "
+                         f"x {tuple(x.shape)}, weight {tuple(weight.shape)}, lora_A {tuple(lora_A.shape)}, "
+                         f"lora_B {tuple(lora_B.shape)}")
+    out_f, in_f = weight.shape
+    r = lora_A.shape[0]
+    if (x.shape[-1] != in_f or lora_A.shape[1] != in_f or lora_B.shape != (out_f, r)
+            or (bias is not None and tuple(bias.shape) != (out_f,))):
+        raise ValueError(f"shape mismatch: x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
+                         f"bias {None if bias is None else tuple(bias.shape)}, lora_A {tuple(lora_A.shape)}, "
+                         f"lora_B {tuple(lora_B.shape)} (expected x (..., in), weight (out, in), bias (out,), "
+                         f"lora_A (r, in), lora_B (out, r))")
+    devices = {name: t.device for name, t in named.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"all tensors must be on one device, got {devices}")
+    if not x.is_floating_point() or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"x, weight and bias must share one floating dtype, got x {x.dtype}, weight {weight.dtype}"
+                        f", bias {None if bias is None else bias.dtype}")
+    if not lora_A.is_floating_point() or lora_B.dtype != lora_A.dtype:
+        raise TypeError(f"lora_A and lora_B must share one floating dtype, got {lora_A.dtype} and {lora_B.dtype}")
+
+
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float = 0.0, generator=None):
     """y = x W^T + b + scaling * (dropout(x) A^T) B^T for x of any leading shape (..., in_features)."""
+    _check_inputs(x, weight, bias, lora_A, lora_B)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
     y = LoRALinearFunction.apply(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, generator)

@@ -1,0 +1,374 @@
+"""Triton kernels for y = x W^T + b + s * (drop(x) A^T) B^T and its backward (W, b frozen).
+
+Forward, two launches:
+- `_xa_kernel`:  xa = drop(x) A^T, (M, r) in fp32. One read of x; the dropout mask comes from a Philox
+  seed and the element's index in x, so nothing but the seed is stored for backward.
+- `_gemm_lowrank_kernel`: y = x W^T + b + s * xa B^T, the base GEMM with the rank-r product in its
+  epilogue, so y is written once (an unfused y.addmm_(xa, B^T) reads and writes y again: 2 x 64 MB at
+  M=8192, out=4096 bf16, ~40 us on an H100 against a ~380 us base GEMM).
+Backward, two launches (+ two memsets for the atomically reduced adapter gradients):
+- `_dy_pass_kernel`: one read of dY gives dxa = dY B (M, r) and dB += s * dY^T xa.
+- `_gemm_lowrank_kernel` again: dX = dY W + s * (dxa A) * keep / (1 - p), and in the same epilogue
+  dA += s * dxa^T drop(x), from the x tile that lines up with the dX output tile: x is read once, while the
+  compute-bound GEMM runs (a separate dA pass would read x again: another ~20 us at M=8192, in=4096).
+Precision: accumulation is always fp32, and xa, dxa, dA, dB are kept in fp32. With fp32 adapters the
+skinny passes and the dA product upcast their tiles (tf32 unless the base is fp32 with tf32 disabled), so
+fp32 adapters train on a bf16 base without an fp32 copy of x; with adapters in the activation dtype they use
+that dtype's tensor cores. The rank-r term inside a GEMM epilogue runs in the GEMM's own dtype: it shares
+the accumulator, and rounding xa to bf16 there adds less error than rounding y to bf16.
+
+The kernels work on CUDA and, with TRITON_INTERPRET=1 set before this module is imported, on CPU tensors
+(how CI tests them). On the interpreter (triton 3.9) tl.dot on bfloat16 operands returns garbage, so
+`UPCAST` makes every dot fp32 there.
+
+Each entry point is a torch.library custom op with a fake implementation, so torch.compile treats it as
+one opaque node (no graph break, no tracing into Triton's launcher).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lorakern import _backend
+
+_INTERPRET = _backend.interpreting()
+_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _keep(seed, rows, cols, ncols, p_drop):
+    """The dropout keep-mask of x[rows, cols] (x has ncols columns): the same bits in every kernel."""
+    offs = rows.to(tl.int64)[:, None] * ncols + cols.to(tl.int64)[None, :]
+    return tl.rand(seed, offs) >= p_drop
+
+
+@triton.jit
+def _lowrank_dot(acc, P, Q, rm, rn, m_ok, n_ok, R, stride_pm, stride_pr, stride_qr, stride_qn, scale,
+                 DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
+    """acc + scale * P[rm, :R] @ Q[:R, rn], over rank chunks of BLOCK_R (r up to 256 without big tiles)."""
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        r_ok = rr < R
+        p = tl.load(P + rm[:, None] * stride_pm + rr[None, :] * stride_pr,
+                    mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32) * scale
+        q = tl.load(Q + rr[:, None] * stride_qr + rn[None, :] * stride_qn,
+                    mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(p.to(DOT_DTYPE), q.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _xa_kernel(X, A, XA, M, K, R, M_BUCKET,
+               stride_xm, stride_xk, stride_ar, stride_ak, stride_om, stride_or,
+               p_drop, seed,
+               HAS_DROPOUT: tl.constexpr, LORA_FP32: tl.constexpr, PRECISION: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """XA[M, R] = drop(X)[M, K] @ A[R, K]^T, grid (cdiv(M, BLOCK_M), cdiv(R, BLOCK_R))."""
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        x = tl.load(X + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
+                    mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+        if HAS_DROPOUT:
+            x = tl.where(_keep(seed, rm, kk, K, p_drop), x, 0.0)
+        a = tl.load(A + rr[None, :] * stride_ar + kk[:, None] * stride_ak,
+                    mask=(rr[None, :] < R) & (kk[:, None] < K), other=0.0)
+        if LORA_FP32:
+            acc = tl.dot(x.to(tl.float32), a.to(tl.float32), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(x, a.to(x.dtype), acc, input_precision=PRECISION)
+    if HAS_DROPOUT:
+        acc = acc / (1.0 - p_drop)
+    tl.store(XA + rm[:, None] * stride_om + rr[None, :] * stride_or, acc,
+             mask=(rm[:, None] < M) & (rr[None, :] < R))
+
+
+@triton.jit
+def _dy_pass_kernel(G, B, XA, DXA, DB, M, N, R, M_BUCKET,
+                    stride_gm, stride_gn, stride_bn, stride_br, stride_am, stride_ar,
+                    stride_dm, stride_dr, stride_dbn, stride_dbr, scaling,
+                    NEED_DXA: tl.constexpr, NEED_DB: tl.constexpr,
+                    LORA_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One read of G = dY (M, N): DXA[M, R] = G @ B[N, R] (stored), DB[N, R] += scaling * G^T @ XA (atomic).
+
+    grid (cdiv(M, BLOCK_M), cdiv(R, BLOCK_R)); each program owns BLOCK_M rows and sweeps all N columns.
+    """
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    rn = tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    r_ok = rr < R
+    xa = tl.load(XA + rm[:, None] * stride_am + rr[None, :] * stride_ar,
+                 mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+    dxa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        nn = n0 + rn
+        n_ok = nn < N
+        g = tl.load(G + rm[:, None] * stride_gm + nn[None, :] * stride_gn,
+                    mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        if LORA_FP32:
+            g = g.to(tl.float32)
+        if NEED_DXA:
+            b = tl.load(B + nn[:, None] * stride_bn + rr[None, :] * stride_br,
+                        mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+            dxa = tl.dot(g, b.to(g.dtype), dxa, input_precision=PRECISION)
+        if NEED_DB:
+            db = tl.dot(tl.trans(g), xa.to(g.dtype), input_precision=PRECISION)
+            tl.atomic_add(DB + nn[:, None] * stride_dbn + rr[None, :] * stride_dbr, db * scaling,
+                          mask=n_ok[:, None] & r_ok[None, :])
+    if NEED_DXA:
+        tl.store(DXA + rm[:, None] * stride_dm + rr[None, :] * stride_dr, dxa,
+                 mask=m_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _gemm_lowrank_kernel(X, W, BIAS, P, Q, OUT, XD, DQ, M, N, K, R, M_BUCKET,
+                         stride_xm, stride_xk, stride_wk, stride_wn, stride_pm, stride_pr,
+                         stride_qr, stride_qn, stride_om, stride_on, stride_dm, stride_dn,
+                         stride_gr, stride_gn, scaling, p_drop, seed,
+                         HAS_GEMM: tl.constexpr, HAS_BIAS: tl.constexpr, DROP_EPILOGUE: tl.constexpr,
+                         GRAD_Q: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                         LORA_PRECISION: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
+    """OUT[M, N] = X[M, K] @ W[K, N] (+ BIAS[N]) + scaling * (P[M, R] @ Q[R, N]) (* keep / (1 - p)).
+
+    With GRAD_Q also DQ[R, N] += scaling * P^T @ drop(XD)[M, N] (atomic, fp32), XD tiled like OUT; with
+    HAS_GEMM=False only that. Forward: X = x, W = weight^T, P = xa, Q = B^T. Backward: X = dY, W = weight,
+    P = dxa, Q = A, XD = x, DQ = dA. P is fp32.
+    """
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    # Grouped ordering: GROUP_M row-blocks share each W column-block while it is in L2.
+    width = GROUP_M * num_n
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    n_ok = rn < N
+    if DROP_EPILOGUE:
+        keep = _keep(seed, rm, rn, N, p_drop)
+
+    if HAS_GEMM:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        rk = tl.arange(0, BLOCK_K)
+        # Wrapped row/column indices keep the loads in bounds without masks on M and N (the tutorial trick);
+        # those rows/columns are never stored.
+        rm_w = rm % M
+        rn_w = rn % N
+        x_ptr = X + rm_w[:, None] * stride_xm + rk[None, :] * stride_xk
+        w_ptr = W + rk[:, None] * stride_wk + rn_w[None, :] * stride_wn
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = (k0 + rk) < K
+            x = tl.load(x_ptr, mask=k_ok[None, :], other=0.0)
+            w = tl.load(w_ptr, mask=k_ok[:, None], other=0.0)
+            if UPCAST:
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(x, w, acc, input_precision=PRECISION)
+            x_ptr += BLOCK_K * stride_xk
+            w_ptr += BLOCK_K * stride_wk
+
+        # The rank-r term goes into the same accumulator, in the main loop's dtype (one MMA layout, no extra
+        # 128x256 fp32 tile in registers); rounding xa to bf16 here costs less than y's own bf16 rounding.
+        dot_dtype = tl.float32 if UPCAST else X.dtype.element_ty
+        if DROP_EPILOGUE:
+            lora = _lowrank_dot(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), P, Q, rm, rn, m_ok, n_ok, R,
+                                stride_pm, stride_pr, stride_qr, stride_qn, 1.0, dot_dtype, PRECISION, BLOCK_R)
+            acc += tl.where(keep, lora * (scaling / (1.0 - p_drop)), 0.0)
+        else:
+            acc = _lowrank_dot(acc, P, Q, rm, rn, m_ok, n_ok, R, stride_pm, stride_pr, stride_qr, stride_qn,
+                               scaling, dot_dtype, PRECISION, BLOCK_R)
+        if HAS_BIAS:
+            acc += tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(OUT + rm[:, None] * stride_om + rn[None, :] * stride_on, acc.to(OUT.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
+
+    if GRAD_Q:
+        xd = tl.load(XD + rm[:, None] * stride_dm + rn[None, :] * stride_dn,
+                     mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+        if DROP_EPILOGUE:
+            xd = tl.where(keep, xd / (1.0 - p_drop), 0.0)
+        for r0 in range(0, R, BLOCK_R):
+            rr = r0 + tl.arange(0, BLOCK_R)
+            r_ok = rr < R
+            p = tl.load(P + rm[:, None] * stride_pm + rr[None, :] * stride_pr,
+                        mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+            dq = tl.dot(tl.trans(p), xd, input_precision=LORA_PRECISION)
+            tl.atomic_add(DQ + rr[:, None] * stride_gr + rn[None, :] * stride_gn, dq * scaling,
+                          mask=r_ok[:, None] & n_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launch configurations. On the GPU each kernel is autotuned (key: the shape, with M bucketed to a power of
+# two so that varying sequence lengths do not re-tune); the configs are Hopper-sized starting points that
+# still need measuring on an H100 (BENCHMARKS.md). The interpreter gets one small config so CI stays fast
+# and odd shapes cross block edges.
+# ----------------------------------------------------------------------------------------------------------
+def _cfg(warps=4, stages=3, **meta):
+    return triton.Config(meta, num_warps=warps, num_stages=stages)
+
+
+if _INTERPRET:
+    _xa_launch, _dy_pass_launch, _gemm_launch = _xa_kernel, _dy_pass_kernel, _gemm_lowrank_kernel
+    _XA_META = dict(BLOCK_M=16, BLOCK_K=32)
+    _DY_META = dict(BLOCK_M=16, BLOCK_N=32)
+    _GEMM_META = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
+else:  # pragma: no cover - needs a GPU
+    _XA_META = _DY_META = _GEMM_META = {}
+    # Skinny, memory-bound passes: enough programs to cover 132 SMs at M=2048 (BLOCK_M <= 64 -> 32+ programs
+    # per rank chunk is still few; 16 rows keeps small M busy).
+    _xa_launch = triton.autotune(
+        [_cfg(BLOCK_M=bm, BLOCK_K=bk, warps=w, stages=s) for bm, bk, w, s in
+         ((16, 256, 4, 3), (32, 128, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3))],
+        key=["K", "R", "M_BUCKET"])(_xa_kernel)
+    _dy_pass_launch = triton.autotune(
+        [_cfg(BLOCK_M=bm, BLOCK_N=bn, warps=w, stages=s) for bm, bn, w, s in
+         ((16, 256, 4, 3), (32, 128, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3))],
+        key=["N", "R", "M_BUCKET", "NEED_DXA", "NEED_DB"], reset_to_zero=["DB"])(_dy_pass_kernel)
+    # The base GEMM: the usual Hopper tiles (128x256x64 with 8 warps is cuBLAS-like for bf16 at large M).
+    _gemm_launch = triton.autotune(
+        [_cfg(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, warps=w, stages=s) for bm, bn, bk, w, s in
+         ((128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+          (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4))],
+        key=["N", "K", "R", "M_BUCKET", "HAS_GEMM", "GRAD_Q", "DROP_EPILOGUE"],
+        reset_to_zero=["DQ"])(_gemm_lowrank_kernel)
+
+
+def _bucket(m: int) -> int:
+    return 1 << max(int(m) - 1, 0).bit_length()
+
+
+def _block_r(r: int, cap: int) -> int:
+    return min(max(16, triton.next_power_of_2(r)), cap)
+
+
+def _precisions(x_dtype: torch.dtype) -> tuple[str, str]:
+    """(base GEMM, rank-r products) input precision for fp32 dots.
+
+    An fp32 base follows torch's matmul precision ("highest" -> exact fp32, else tf32), as F.linear does.
+    With a half base the rank-r products use tf32: x is exact in tf32 and the adapters round to 10 mantissa
+    bits, far below the bf16/fp16 output's own rounding, at tensor-core speed.
+    """
+    if x_dtype == torch.float32:
+        prec = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+        return prec, prec
+    return "tf32", "tf32"
+
+
+def _lora_fp32(x_dtype: torch.dtype, adapter_dtype: torch.dtype) -> bool:
+    return _INTERPRET or adapter_dtype != x_dtype or x_dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Entry points (custom ops). Inputs are validated by the caller (lorakern.ops.lora_linear); x is 2-D.
+# ----------------------------------------------------------------------------------------------------------
+_empty = torch.empty  # one name for every buffer the kernels overwrite (tests fill them with NaN)
+
+
+def _seed_value(seed: torch.Tensor) -> int:
+    return int(seed.item())
+
+
+def _forward_impl(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed):
+    M, K = x.shape
+    N, R = weight.shape[0], lora_A.shape[0]
+    if x.stride(1) != 1:  # coalesced loads along K; a transposed view would read one element per row
+        x = x.contiguous()
+    prec, lora_prec = _precisions(x.dtype)
+    xa = _empty((M, R), device=x.device, dtype=torch.float32)
+    y = _empty((M, N), device=x.device, dtype=x.dtype)
+    has_dropout = dropout_p > 0.0
+    seed_v = _seed_value(seed) if has_dropout else 0
+    br = _block_r(R, 64)
+    _xa_launch[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, br))](
+        x, lora_A, xa, M, K, R, _bucket(M),
+        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), xa.stride(0), xa.stride(1),
+        float(dropout_p), seed_v,
+        HAS_DROPOUT=has_dropout, LORA_FP32=_lora_fp32(x.dtype, lora_A.dtype), PRECISION=lora_prec,
+        BLOCK_R=br, **_XA_META)
+    _gemm_launch[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)](
+        x, weight, bias if bias is not None else y, xa, lora_B, y, y, xa, M, N, K, R, _bucket(M),
+        x.stride(0), x.stride(1), weight.stride(1), weight.stride(0), xa.stride(0), xa.stride(1),
+        lora_B.stride(1), lora_B.stride(0), y.stride(0), y.stride(1), 0, 0, 0, 0,
+        float(scaling), 0.0, 0,
+        HAS_GEMM=True, HAS_BIAS=bias is not None, DROP_EPILOGUE=False, GRAD_Q=False, UPCAST=_INTERPRET,
+        PRECISION=prec, LORA_PRECISION=lora_prec, BLOCK_R=_block_r(R, 32), **_GEMM_META)
+    return y, xa
+
+
+def _backward_impl(grad_y, x, xa, weight, lora_A, lora_B, scaling: float, dropout_p: float, seed,
+                   need_dx: bool, need_dA: bool, need_dB: bool):
+    M, N = grad_y.shape  # N = out_features
+    K, R = weight.shape[1], lora_A.shape[0]  # K = in_features
+    if grad_y.stride(1) != 1:
+        grad_y = grad_y.contiguous()
+    prec, lora_prec = _precisions(grad_y.dtype)
+    need_dxa = need_dx or need_dA
+    dxa = _empty((M, R), device=grad_y.device, dtype=torch.float32) if need_dxa else xa
+    dB = torch.zeros((N, R), device=grad_y.device, dtype=torch.float32) if need_dB else xa
+    if need_dxa or need_dB:
+        br = _block_r(R, 64)
+        _dy_pass_launch[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, br))](
+            grad_y, lora_B, xa, dxa, dB, M, N, R, _bucket(M),
+            grad_y.stride(0), grad_y.stride(1), lora_B.stride(0), lora_B.stride(1), xa.stride(0), xa.stride(1),
+            dxa.stride(0), dxa.stride(1), dB.stride(0), dB.stride(1), float(scaling),
+            NEED_DXA=need_dxa, NEED_DB=need_dB, LORA_FP32=_lora_fp32(grad_y.dtype, lora_A.dtype),
+            PRECISION=lora_prec, BLOCK_R=br, **_DY_META)
+    dx = _empty((M, K), device=grad_y.device, dtype=grad_y.dtype) if need_dx else None
+    dA = torch.zeros((R, K), device=grad_y.device, dtype=torch.float32) if need_dA else None
+    if need_dxa:
+        has_dropout = dropout_p > 0.0
+        out, dq = (dx if need_dx else dxa), (dA if need_dA else dxa)
+        _gemm_launch[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)](
+            grad_y, weight, dxa, dxa, lora_A, out, x, dq, M, K, N, R, _bucket(M),
+            grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1), dxa.stride(0),
+            dxa.stride(1), lora_A.stride(0), lora_A.stride(1), out.stride(0), out.stride(1),
+            x.stride(0), x.stride(1), dq.stride(0), dq.stride(1),
+            float(scaling), float(dropout_p), _seed_value(seed) if has_dropout else 0,
+            HAS_GEMM=need_dx, HAS_BIAS=False, DROP_EPILOGUE=has_dropout, GRAD_Q=need_dA, UPCAST=_INTERPRET,
+            PRECISION=prec, LORA_PRECISION=lora_prec, BLOCK_R=_block_r(R, 32), **_GEMM_META)
+    dA = dA.to(lora_A.dtype) if dA is not None else None
+    dB = dB.to(lora_B.dtype) if need_dB else None
+    return dx, dA, dB
+
+
+forward = torch.library.custom_op(
+    "lorakern::triton_lora_forward", _forward_impl, mutates_args=(),
+    schema="(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
+           "float dropout_p, Tensor seed) -> (Tensor, Tensor)")
+backward = torch.library.custom_op(
+    "lorakern::triton_lora_backward", _backward_impl, mutates_args=(),
+    schema="(Tensor grad_y, Tensor x, Tensor xa, Tensor weight, Tensor lora_A, Tensor lora_B, float scaling, "
+           "float dropout_p, Tensor seed, bool need_dx, bool need_dA, bool need_dB) -> (Tensor?, Tensor?, Tensor?)")
+
+
+@forward.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    return (x.new_empty((x.shape[0], weight.shape[0])),
+            x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32))
+
+
+@backward.register_fake
+def _(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx, need_dA, need_dB):
+    return (grad_y.new_empty((grad_y.shape[0], weight.shape[1])) if need_dx else None,
+            lora_A.new_empty(lora_A.shape) if need_dA else None,
+            lora_B.new_empty(lora_B.shape) if need_dB else None)
