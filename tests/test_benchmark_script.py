@@ -31,3 +31,18 @@ def test_spectral_init_bench_runs_and_agrees_with_exact(tmp_path):
     assert data["lorakern"]["host_gib"] == 0.0 and data["reference"]["host_gib"] > 0
     # with enough power iterations the sketch reaches the exact LoRA-One init on this flat-spectrum toy
     assert data["lorakern"]["max_rel_err"] < 2e-2 and data["reference"]["max_rel_err"] < 1e-3
+
+
+def test_optim_bench_small_writes_json(tmp_path):
+    out = tmp_path / "optim.json"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "optim_bench.py"), "--device", "cpu", "--small",
+           "--layers", "1", "--r", "3", "--warmup", "1", "--iters", "2", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    rows = {row["variant"]: row for row in data["results"]}
+    assert {"adamw", "lorakern", "eager", "peft"} <= set(rows)
+    assert data["config"]["pairs"] == 7 and rows["adamw"]["ratio_vs_adamw"] == 1.0
+    assert all(row["step_ms"] > 0 for row in rows.values())
+    # the same preconditioned step as the eager per-pair form (fp32; step 1 of Adam is sign-like)
+    assert rows["lorakern"]["max_rel_err_vs_eager"] < 1e-4 and rows["peft"]["max_rel_err_vs_eager"] < 1e-4
