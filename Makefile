@@ -10,13 +10,16 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.lorakern-installed
 SOURCES := setup.py requirements-dev.txt $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test venv bench papers clean
 
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
 test: $(STAMP)
 	$(PY) -m pytest tests
+
+papers: $(STAMP)
+	$(PY) examples/papers/run_all.py
 
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks --benchmark-only

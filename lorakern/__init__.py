@@ -7,11 +7,12 @@ from lorakern.model import apply_lora, lora_modules, merge_lora, remove_lora, un
 from lorakern.peft_io import load_adapter, save_adapter
 from lorakern.spectral import spectral_init
 from lorakern import optim
+from lorakern import theory
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LoRALinear", "apply_lora", "lora_modules", "merge_lora", "unmerge_lora", "remove_lora",
     "save_adapter", "load_adapter", "backends", "set_backend", "get_backend", "init", "linalg", "ops",
-    "spectral_init", "capture_gradients", "optim",
+    "spectral_init", "capture_gradients", "optim", "theory",
 ]

@@ -1,0 +1,58 @@
+"""Helpers shared by the paper reproductions: result tables, the output folder, optional matplotlib plots."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+OUT_DIR = Path(__file__).resolve().parent / "out"
+
+
+def out_dir(override: str | os.PathLike | None = None) -> Path:
+    """Where the plots go: `override`, $LORAKERN_PAPERS_OUT, or examples/papers/out (gitignored)."""
+    path = Path(override or os.environ.get("LORAKERN_PAPERS_OUT") or OUT_DIR)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def fmt(value) -> str:
+    """A compact cell: ints as they are, floats with 4 significant digits, other things via str."""
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def print_table(title: str, headers: list[str], rows: list[list]) -> None:
+    """A plain-text table: the measured numbers next to the paper's claim."""
+    cells = [[fmt(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = "  ".join("-" * w for w in widths)
+    print(f"\n{title}")
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    print(line)
+    for r in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+
+
+def pyplot():
+    """matplotlib.pyplot with the Agg backend, or None (with a note) when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("\n(plot skipped: matplotlib is not installed; `pip install matplotlib` to get the PNG)")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(plt, fig, name: str, out: str | os.PathLike | None = None) -> Path:
+    path = out_dir(out) / name
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"\nplot: {path}")
+    return path
