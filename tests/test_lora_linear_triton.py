@@ -218,3 +218,67 @@ def test_bad_input(args, err, match):
     kw.update(args)
     with pytest.raises(err, match=match):
         ops.lora_linear(kw["x"], kw["weight"], kw["bias"], kw["lora_A"], kw["lora_B"], 1.0)
+
+
+def test_autotuned_launch_keeps_live_buffers(monkeypatch):
+    """The GPU path wraps the kernels in triton.autotune, whose trial runs zero the atomic targets. With
+    placeholders aliasing xa (forward) or dxa (backward with lora_A frozen), zeroing them unconditionally
+    dropped the LoRA term on the first call of each shape; the hook zeroes only real targets."""
+    from lorakern.ops import lora_linear_triton as kt
+    import triton
+
+    def cfgs(**meta_sets):
+        return [triton.Config(m) for m in meta_sets["metas"]]
+    launchers = kt.autotuned(
+        cfgs(metas=[dict(BLOCK_M=16, BLOCK_K=32), dict(BLOCK_M=32, BLOCK_K=16)]),
+        cfgs(metas=[dict(BLOCK_M=16, BLOCK_N=32), dict(BLOCK_M=32, BLOCK_N=16)]),
+        cfgs(metas=[dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2),
+                    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=1)]),
+        do_bench=lambda fn, quantiles=None: (fn(), [1.0, 1.0, 1.0])[1])
+    monkeypatch.setattr(kt, "_xa_launch", launchers[0])
+    monkeypatch.setattr(kt, "_dy_pass_launch", launchers[1])
+    monkeypatch.setattr(kt, "_gemm_launch", launchers[2])
+    for name in ("_XA_META", "_DY_META", "_GEMM_META"):
+        monkeypatch.setattr(kt, name, {})
+    for frozen in ("none", "A", "B"):  # each a first call for its autotune key
+        x = torch.randn(37, 45, requires_grad=True)
+        W, b = torch.randn(29, 45), torch.randn(29)
+        A = torch.randn(5, 45, requires_grad=frozen != "A")
+        B = torch.randn(29, 5, requires_grad=frozen != "B")
+        y = ops.lora_linear(x, W, b, A, B, 0.7)
+        dy = torch.randn_like(y)
+        y.backward(dy)
+        ref = _reference(x, W, b, A, B, 0.7, dy)
+        assert rel_err(y, ref[0]) < 1e-5 and rel_err(x.grad, ref[1]) < 1e-5
+        for t, r in ((A, ref[2]), (B, ref[3])):
+            assert t.grad is None or rel_err(t.grad, r) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["strided", "expanded"])
+def test_bias_views(kind):
+    b = torch.randn(46)[::2] if kind == "strided" else torch.randn(1).expand(23)
+    x, W = torch.randn(9, 30), torch.randn(23, 30)
+    A, B = torch.randn(3, 30), torch.randn(23, 3)
+    y = ops.lora_linear(x, W, b, A, B, 0.5)
+    assert rel_err(y, _reference(x, W, b, A, B, 0.5, torch.ones(9, 23))[0]) < 1e-5
+
+
+def test_new_fp32_precision_api():
+    """torch >= 2.9's fp32_precision makes get_float32_matmul_precision raise; the kernels must not."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch without fp32_precision")
+    saved = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        x, W, A, B = torch.randn(5, 20), torch.randn(7, 20), torch.randn(2, 20), torch.randn(7, 2)
+        assert rel_err(ops.lora_linear(x, W, None, A, B, 1.0), x @ W.T + (x @ A.T) @ B.T) < 1e-5
+    finally:
+        matmul.fp32_precision = saved
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0, "0.5", True])
+def test_bad_dropout_p(p):
+    x, W, A, B = torch.randn(5, 20), torch.randn(7, 20), torch.randn(2, 20), torch.randn(7, 2)
+    with pytest.raises(ValueError, match="dropout_p"):
+        ops.lora_linear(x, W, None, A, B, 1.0, p)

@@ -103,9 +103,11 @@ class LoRALinearFunction(torch.autograd.Function):
         ctx.dropout_p = dropout_p
         ctx.has_bias = bias is not None
         if impl == "triton":
-            seed = _dropout_seed(generator) if dropout_p > 0.0 else x.new_zeros((1,), dtype=torch.int64)
+            seed = _dropout_seed(generator) if dropout_p > 0.0 else None
             x = x if x.stride(-1) == 1 else x.contiguous()
-            y, xa = _triton_ops().forward(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed)
+            kt = _triton_ops()
+            fwd = kt.forward if torch.compiler.is_compiling() else kt._forward_impl
+            y, xa = fwd(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed)
             # x is saved once, for dA (with the seed's mask) and, if the base is unfrozen, for dW.
             ctx.save_for_backward(x, xa, weight, lora_A, lora_B, seed)
             return y
@@ -129,8 +131,10 @@ class LoRALinearFunction(torch.autograd.Function):
         grad_y = grad_y.contiguous()
         if ctx.impl == "triton":
             x, xa, weight, lora_A, lora_B, seed = ctx.saved_tensors
-            dx, dA, dB = _triton_ops().backward(grad_y, x, xa, weight, lora_A, lora_B, ctx.scaling,
-                                                float(ctx.dropout_p), seed, need_dx, need_dA, need_dB)
+            kt = _triton_ops()
+            bwd = kt.backward if torch.compiler.is_compiling() else kt._backward_impl
+            dx, dA, dB = bwd(grad_y, x, xa, weight, lora_A, lora_B, ctx.scaling, float(ctx.dropout_p), seed,
+                             need_dx, need_dA, need_dB)
             return (dx, grad_y.t() @ x if need_dW else None, grad_y.sum(0) if (need_db and ctx.has_bias) else None,
                     dA, dB, None, None, None)
         x_lora, xa, weight, lora_A, lora_B, keep, x = ctx.saved_tensors
@@ -176,6 +180,9 @@ def _check_inputs(x, weight, bias, lora_A, lora_B) -> None:
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float = 0.0, generator=None):
     """y = x W^T + b + scaling * (dropout(x) A^T) B^T for x of any leading shape (..., in_features)."""
     _check_inputs(x, weight, bias, lora_A, lora_B)
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    dropout_p = float(dropout_p)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
     y = LoRALinearFunction.apply(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, generator)
