@@ -6,8 +6,10 @@
 Variants (each on the same x, W, A, B):
   frozen      nn.Linear forward; backward computes dX only (W frozen): the floor
   lorakern    lorakern.LoRALinear with the "auto" backend (Triton kernels on CUDA, C++ on the CPU)
-  lk-torch    lorakern.LoRALinear forced onto the plain-torch path (on CUDA: cuBLAS GEMMs with the rank-r
-              products as separate cuBLAS calls -- the "cuBLAS + LoRA around it" design, for the dispatch choice)
+  lk-hybrid   (CUDA) the Triton backend with LORAKERN_BASE_GEMM=cublas: cuBLAS runs x W^T and dY W, the Triton
+              passes add the rank-r terms (and dA) in place -- the other design for the dispatch choice
+  lk-torch    lorakern.LoRALinear forced onto the plain-torch path (cuBLAS GEMMs, rank-r products as
+              separate cuBLAS calls)
   eager       x @ W^T + b + s * (x @ A^T) @ B^T written out, autograd does the rest
   peft        peft's LoRA layer (peft.get_peft_model on a one-layer module)
   compile     torch.compile of the eager form (CUDA only; compile time excluded)
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -75,6 +78,8 @@ def build_variants(M, k, n, r, dtype, device, adapter_dtype=None):
         ours.lora_A.copy_(A)
         ours.lora_B.copy_(B)
     out["lorakern"] = ours
+    if device.type == "cuda":
+        out["lk-hybrid"] = ours  # same module, Triton backend with cuBLAS for the base GEMMs
     out["lk-torch"] = ours  # same module, run with the torch backend
 
     class Eager(nn.Module):
@@ -145,6 +150,7 @@ def run_shape(M, k, n, r, dtype, device, warmup, iters, adapter_dtype=None, chec
     rows = {}
     for name, mod in mods.items():
         lk.set_backend("torch" if name == "lk-torch" else "auto")
+        os.environ["LORAKERN_BASE_GEMM"] = "cublas" if name == "lk-hybrid" else "triton"
         err = check_errors(mod, x, dy, mods["frozen"], r) if check else None
         for p in mod.parameters():
             p.grad = None
@@ -166,6 +172,7 @@ def run_shape(M, k, n, r, dtype, device, warmup, iters, adapter_dtype=None, chec
             row["err"] = err
         rows[name] = row
     lk.set_backend("auto")
+    os.environ.pop("LORAKERN_BASE_GEMM", None)
     floor = rows["frozen"]
     for row in rows.values():
         row["fwd_ratio"] = row["fwd_ms"] / floor["fwd_ms"]

@@ -282,3 +282,29 @@ def test_bad_dropout_p(p):
     x, W, A, B = torch.randn(5, 20), torch.randn(7, 20), torch.randn(2, 20), torch.randn(7, 2)
     with pytest.raises(ValueError, match="dropout_p"):
         ops.lora_linear(x, W, None, A, B, 1.0, p)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("frozen", ["none", "A", "x"])
+def test_cublas_base_gemm_variant(monkeypatch, poison, dropout, frozen):
+    """LORAKERN_BASE_GEMM=cublas: torch's GEMM for x W^T and dY W, the rank-r terms added by the Triton pass."""
+    monkeypatch.setenv("LORAKERN_BASE_GEMM", "cublas")
+    x = torch.randn(37, 45, requires_grad=frozen != "x")
+    W, b = torch.randn(29, 45), torch.randn(29)
+    A = torch.randn(5, 45, requires_grad=frozen != "A")
+    B = torch.randn(29, 5, requires_grad=True)
+    keep = _dropout_mask(37, 45, dropout, 11) if dropout else None
+    y = ops.lora_linear(x, W, b, A, B, 0.7, dropout, torch.Generator().manual_seed(11))
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    ref = _reference(x, W, b, A, B, 0.7, dy, keep, dropout)
+    assert rel_err(y, ref[0]) < 1e-5
+    for t, r in zip((x, A, B), ref[1:]):
+        assert (t.grad is None) == (not t.requires_grad)
+        assert t.grad is None or rel_err(t.grad, r) < 1e-5
+
+
+def test_bad_base_gemm_name(monkeypatch):
+    monkeypatch.setenv("LORAKERN_BASE_GEMM", "cutlass")
+    with pytest.raises(ValueError, match="LORAKERN_BASE_GEMM"):
+        ops.lora_linear(torch.randn(3, 8), torch.randn(4, 8), None, torch.randn(2, 8), torch.randn(4, 2), 1.0)

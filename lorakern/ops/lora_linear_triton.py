@@ -27,6 +27,7 @@ one opaque node (no graph break, no tracing into Triton's launcher).
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import triton
@@ -141,13 +142,15 @@ def _gemm_lowrank_kernel(X, W, BIAS, P, Q, OUT, XD, DQ, M, N, K, R, M_BUCKET,
                          stride_xm, stride_xk, stride_wk, stride_wn, stride_pm, stride_pr,
                          stride_qr, stride_qn, stride_om, stride_on, stride_dm, stride_dn,
                          stride_gr, stride_gn, stride_bias, scaling, p_drop, seed,
-                         HAS_GEMM: tl.constexpr, HAS_BIAS: tl.constexpr, DROP_EPILOGUE: tl.constexpr,
+                         HAS_GEMM: tl.constexpr, ACC_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         DROP_EPILOGUE: tl.constexpr,
                          GRAD_Q: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                          LORA_PRECISION: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
     """OUT[M, N] = X[M, K] @ W[K, N] (+ BIAS[N]) + scaling * (P[M, R] @ Q[R, N]) (* keep / (1 - p)).
 
+    With ACC_OUT the product X @ W is already in OUT (cuBLAS computed it; K = 0 here) and is added to.
     With GRAD_Q also DQ[R, N] += scaling * P^T @ drop(XD)[M, N] (atomic, fp32), XD tiled like OUT; with
     HAS_GEMM=False only that. Forward: X = x, W = weight^T, P = xa, Q = B^T. Backward: X = dY, W = weight,
     P = dxa, Q = A, XD = x, DQ = dA. P is fp32.
@@ -198,6 +201,9 @@ def _gemm_lowrank_kernel(X, W, BIAS, P, Q, OUT, XD, DQ, M, N, K, R, M_BUCKET,
             acc = tl.dot(x, w, acc, input_precision=PRECISION)
             x_ptr += BLOCK_K * stride_xk
             w_ptr += BLOCK_K * stride_wk
+        if ACC_OUT:  # the "cublas" base: OUT already holds x W^T (+ b) from cuBLAS and K is 0
+            acc += tl.load(OUT + rm[:, None] * stride_om + rn[None, :] * stride_on,
+                           mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
         if HAS_BIAS:
             acc += tl.load(BIAS + rn * stride_bias, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(OUT + rm[:, None] * stride_om + rn[None, :] * stride_on, acc.to(OUT.dtype.element_ty),
@@ -252,7 +258,8 @@ def autotuned(xa_configs, dy_configs, gemm_configs, **autotune_kw):
     xa = triton.autotune(xa_configs, key=["K", "R", "M_BUCKET"], **autotune_kw)(_xa_kernel)
     dy = triton.autotune(dy_configs, key=["N", "R", "M_BUCKET", "NEED_DXA", "NEED_DB"],
                          pre_hook=_zero_when("NEED_DB", "DB"), **autotune_kw)(_dy_pass_kernel)
-    gemm = triton.autotune(gemm_configs, key=["N", "K", "R", "M_BUCKET", "HAS_GEMM", "GRAD_Q", "DROP_EPILOGUE"],
+    gemm = triton.autotune(gemm_configs, key=["N", "K", "R", "M_BUCKET", "HAS_GEMM", "ACC_OUT", "GRAD_Q",
+                                              "DROP_EPILOGUE"],
                            pre_hook=_zero_when("GRAD_Q", "DQ"), **autotune_kw)(_gemm_lowrank_kernel)
     return xa, dy, gemm
 
@@ -265,6 +272,20 @@ if _INTERPRET:  # one small config: CI stays fast and odd shapes cross block edg
 else:  # pragma: no cover - needs a GPU
     _XA_META = _DY_META = _GEMM_META = {}
     _xa_launch, _dy_pass_launch, _gemm_launch = autotuned(XA_CONFIGS, DY_CONFIGS, GEMM_CONFIGS)
+
+
+BASE_GEMMS = ("triton", "cublas")
+
+
+def base_gemm() -> str:
+    """Who runs the frozen GEMM: "triton" (one kernel with the rank-r term fused, y written once) or "cublas"
+    (torch's GEMM, then one Triton pass adds the rank-r term in place: y read and written once more).
+    Which wins is an H100 measurement (benchmarks/lora_linear_bench.py, variants lorakern / lk-hybrid);
+    until then the fused design is the default. Environment variable LORAKERN_BASE_GEMM."""
+    name = os.environ.get("LORAKERN_BASE_GEMM", "triton").lower()
+    if name not in BASE_GEMMS:
+        raise ValueError(f"LORAKERN_BASE_GEMM must be one of {BASE_GEMMS}, got {name!r}")
+    return name
 
 
 def _bucket(m: int) -> int:
@@ -338,12 +359,16 @@ def _forward_impl(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: fl
             float(dropout_p), seed_v,
             HAS_DROPOUT=dropout_p > 0.0, LORA_FP32=_lora_fp32(x.dtype, lora_A.dtype), PRECISION=lora_prec,
             BLOCK_R=br, **_XA_META)
+        cublas = base_gemm() == "cublas"
+        if cublas:
+            torch.addmm(bias, x, weight.t(), out=y) if bias is not None else torch.mm(x, weight.t(), out=y)
         _gemm_launch[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)](
-            x, weight, bias if bias is not None else y, xa, lora_B, y, y, xa, M, N, K, R, _bucket(M),
-            x.stride(0), x.stride(1), weight.stride(1), weight.stride(0), xa.stride(0), xa.stride(1),
+            x, weight, bias if bias is not None else y, xa, lora_B, y, y, xa, M, N, 0 if cublas else K, R,
+            _bucket(M), x.stride(0), x.stride(1), weight.stride(1), weight.stride(0), xa.stride(0), xa.stride(1),
             lora_B.stride(1), lora_B.stride(0), y.stride(0), y.stride(1), 0, 0, 0, 0,
             bias.stride(0) if bias is not None else 0, float(scaling), 0.0, 0,
-            HAS_GEMM=True, HAS_BIAS=bias is not None, DROP_EPILOGUE=False, GRAD_Q=False, UPCAST=_INTERPRET,
+            HAS_GEMM=True, ACC_OUT=cublas, HAS_BIAS=bias is not None and not cublas, DROP_EPILOGUE=False,
+            GRAD_Q=False, UPCAST=_INTERPRET,
             PRECISION=prec, LORA_PRECISION=lora_prec, BLOCK_R=_block_r(R, 32), **_GEMM_META)
     return y, xa
 
@@ -373,13 +398,16 @@ def _backward_impl(grad_y, x, xa, weight, lora_A, lora_B, scaling: float, dropou
                 PRECISION=lora_prec, BLOCK_R=br, **_DY_META)
         if need_dxa:
             out, dq = (dx if need_dx else dxa), (dA if need_dA else dxa)
+            cublas = need_dx and base_gemm() == "cublas"
+            if cublas:
+                torch.mm(grad_y, weight, out=dx)
             _gemm_launch[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)](
-                grad_y, weight, dxa, dxa, lora_A, out, x, dq, M, K, N, R, _bucket(M),
+                grad_y, weight, dxa, dxa, lora_A, out, x, dq, M, K, 0 if cublas else N, R, _bucket(M),
                 grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1), dxa.stride(0),
                 dxa.stride(1), lora_A.stride(0), lora_A.stride(1), out.stride(0), out.stride(1),
                 x.stride(0), x.stride(1), dq.stride(0), dq.stride(1), 0,
                 float(scaling), float(dropout_p), _seed_value(seed, dropout_p),
-                HAS_GEMM=need_dx, HAS_BIAS=False, DROP_EPILOGUE=dropout_p > 0.0, GRAD_Q=need_dA,
+                HAS_GEMM=need_dx, ACC_OUT=cublas, HAS_BIAS=False, DROP_EPILOGUE=dropout_p > 0.0, GRAD_Q=need_dA,
                 UPCAST=_INTERPRET, PRECISION=prec, LORA_PRECISION=lora_prec, BLOCK_R=_block_r(R, 32),
                 **_GEMM_META)
     dA = dA.to(lora_A.dtype) if dA is not None else None
