@@ -73,9 +73,11 @@ def jobs(quick: bool):
     gemm_ints = ["M", "N", "K", "R", "M_BUCKET", "stride_xm", "stride_xk", "stride_wk", "stride_wn", "stride_pm",
                  "stride_pr", "stride_qr", "stride_qn", "stride_om", "stride_on", "stride_dm", "stride_dn",
                  "stride_gr", "stride_gn", "stride_bias"]
-    modes = {"fwd": dict(HAS_GEMM=True, HAS_BIAS=True, DROP_EPILOGUE=False, GRAD_Q=False),
-             "bwd": dict(HAS_GEMM=True, HAS_BIAS=False, DROP_EPILOGUE=False, GRAD_Q=True),
-             "bwd+dropout": dict(HAS_GEMM=True, HAS_BIAS=False, DROP_EPILOGUE=True, GRAD_Q=True)}
+    modes = {"fwd": dict(HAS_GEMM=True, ACC_OUT=False, HAS_BIAS=True, DROP_EPILOGUE=False, GRAD_Q=False),
+             "bwd": dict(HAS_GEMM=True, ACC_OUT=False, HAS_BIAS=False, DROP_EPILOGUE=False, GRAD_Q=True),
+             "bwd+dropout": dict(HAS_GEMM=True, ACC_OUT=False, HAS_BIAS=False, DROP_EPILOGUE=True, GRAD_Q=True),
+             # LORAKERN_BASE_GEMM=cublas: cuBLAS made OUT, the kernel adds the rank-r term (K = 0 at run time)
+             "bwd-cublas": dict(HAS_GEMM=True, ACC_OUT=True, HAS_BIAS=False, DROP_EPILOGUE=False, GRAD_Q=True)}
     for mode, flags in modes.items():
         for xdt, adt in (("bf16", "bf16"), ("bf16", "fp32")):
             types = {"X": f"*{xdt}", "W": f"*{xdt}", "BIAS": f"*{xdt}", "P": "*fp32", "Q": f"*{adt}",
