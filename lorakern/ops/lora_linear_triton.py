@@ -43,10 +43,18 @@ _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 # Kernels
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _keep(seed, rows, cols, ncols, p_drop):
-    """The dropout keep-mask of x[rows, cols] (x has ncols columns): the same bits in every kernel."""
-    offs = rows.to(tl.int64)[:, None] * ncols + cols.to(tl.int64)[None, :]
-    return tl.rand(seed, offs) >= p_drop
+def _keep(seed, rows, col0, ncols, p_drop, BLOCK: tl.constexpr):
+    """The dropout keep-mask of x[rows, col0:col0+BLOCK] (x has ncols columns): the same bits in every kernel.
+
+    One Philox call gives 4 numbers, used for 4 adjacent columns (col0 and BLOCK are multiples of 4): a
+    quarter of the Philox work and of its live registers (the per-element form spilled ~9 KB/thread on the
+    backward GEMM's 128x256 tile, benchmarks/compile_sm90.py)."""
+    groups = col0 // 4 + tl.arange(0, BLOCK // 4)
+    offs = rows.to(tl.int64)[:, None] * ((ncols + 3) // 4) + groups.to(tl.int64)[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, offs)
+    bits = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (rows.shape[0], BLOCK))
+    # uniform in [0, 1) from the top 24 bits, exact in fp32
+    return (bits >> 8).to(tl.float32) * (1.0 / 16777216.0) >= p_drop
 
 
 @triton.jit
@@ -83,7 +91,7 @@ def _xa_kernel(X, A, XA, M, K, R, M_BUCKET,
         x = tl.load(X + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
                     mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
         if HAS_DROPOUT:
-            x = tl.where(_keep(seed, rm, kk, K, p_drop), x, 0.0)
+            x = tl.where(_keep(seed, rm, k0, K, p_drop, BLOCK_K), x, 0.0)
         a = tl.load(A + rr[None, :] * stride_ar + kk[:, None] * stride_ak,
                     mask=(rr[None, :] < R) & (kk[:, None] < K), other=0.0)
         if LORA_FP32:
@@ -171,16 +179,32 @@ def _gemm_lowrank_kernel(X, W, BIAS, P, Q, OUT, XD, DQ, M, N, K, R, M_BUCKET,
     m_ok = rm < M
     n_ok = rn < N
 
+    if GRAD_Q:  # first: with dropout its mask and the GEMM's are one computation, not held across the K loop
+        xd = tl.load(XD + rm[:, None] * stride_dm + rn[None, :] * stride_dn,
+                     mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+        if DROP_EPILOGUE:
+            xd = tl.where(_keep(seed, rm, pid_n * BLOCK_N, N, p_drop, BLOCK_N), xd / (1.0 - p_drop), 0.0)
+        for r0 in range(0, R, BLOCK_R):
+            rr = r0 + tl.arange(0, BLOCK_R)
+            r_ok = rr < R
+            p = tl.load(P + rm[:, None] * stride_pm + rr[None, :] * stride_pr,
+                        mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+            dq = tl.dot(tl.trans(p), xd, input_precision=LORA_PRECISION)
+            tl.atomic_add(DQ + rr[:, None] * stride_gr + rn[None, :] * stride_gn, dq * scaling,
+                          mask=r_ok[:, None] & n_ok[None, :])
+
     if HAS_GEMM:
         # The rank-r term first, as the accumulator's starting value: only one (BLOCK_M, BLOCK_N) fp32 tile is
-        # live through the K loop (a separate masked LoRA tile held across it spilled 7-9 KB/thread on the
-        # 128x256 tiles, benchmarks/compile_sm90.py). It runs in the main loop's dtype (one MMA layout);
+        # live through the K loop (a separate masked LoRA tile held across it, and the dropout mask shared
+        # with a dA part placed after the loop, spilled 7-10 KB/thread on the 128x256 tiles; now ~2 KB, in
+        # this prologue only: benchmarks/compile_sm90.py). It runs in the main loop's dtype (one MMA layout);
         # rounding xa to bf16 here adds less error than rounding y to bf16.
         dot_dtype = tl.float32 if UPCAST else X.dtype.element_ty
         if DROP_EPILOGUE:
             lora = _lowrank_dot(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), P, Q, rm, rn, m_ok, n_ok, R,
                                 stride_pm, stride_pr, stride_qr, stride_qn, 1.0, dot_dtype, PRECISION, BLOCK_R)
-            acc = tl.where(_keep(seed, rm, rn, N, p_drop), lora * (scaling / (1.0 - p_drop)), 0.0)
+            keep = _keep(seed, rm, pid_n * BLOCK_N, N, p_drop, BLOCK_N)
+            acc = tl.where(keep, lora * (scaling / (1.0 - p_drop)), 0.0)
         else:
             acc = _lowrank_dot(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), P, Q, rm, rn, m_ok, n_ok, R,
                                stride_pm, stride_pr, stride_qr, stride_qn, scaling, dot_dtype, PRECISION, BLOCK_R)
@@ -208,20 +232,6 @@ def _gemm_lowrank_kernel(X, W, BIAS, P, Q, OUT, XD, DQ, M, N, K, R, M_BUCKET,
             acc += tl.load(BIAS + rn * stride_bias, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(OUT + rm[:, None] * stride_om + rn[None, :] * stride_on, acc.to(OUT.dtype.element_ty),
                  mask=m_ok[:, None] & n_ok[None, :])
-
-    if GRAD_Q:
-        xd = tl.load(XD + rm[:, None] * stride_dm + rn[None, :] * stride_dn,
-                     mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
-        if DROP_EPILOGUE:
-            xd = tl.where(_keep(seed, rm, rn, N, p_drop), xd / (1.0 - p_drop), 0.0)
-        for r0 in range(0, R, BLOCK_R):
-            rr = r0 + tl.arange(0, BLOCK_R)
-            r_ok = rr < R
-            p = tl.load(P + rm[:, None] * stride_pm + rr[None, :] * stride_pr,
-                        mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-            dq = tl.dot(tl.trans(p), xd, input_precision=LORA_PRECISION)
-            tl.atomic_add(DQ + rr[:, None] * stride_gr + rn[None, :] * stride_gn, dq * scaling,
-                          mask=r_ok[:, None] & n_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------------
