@@ -12,11 +12,12 @@ Variants (the same adapter values and gradients; each has its own parameters and
   adamw      torch.optim.AdamW, fused=True on CUDA (foreach=True on the CPU): no preconditioning; the floor
   lorakern   lk.optim.PreconditionedAdamW, backend "auto" (fused Triton on CUDA, the torch engine on the CPU)
   lk-torch   lk.optim.PreconditionedAdamW forced onto the torch engine (CUDA only: on the CPU it is "lorakern")
-  eager      per pair: inverse of the two damped r x r Grams, two matmuls into .grad, then foreach AdamW
+  eager      per pair: inverse of the two damped r x r Grams (fp32), two matmuls into .grad, then foreach AdamW
   peft       peft.optimizers.create_riemannian_optimizer(model, torch.optim.AdamW, reg=damping) (if installed)
 Times are medians of one step (CUDA events on GPU, perf_counter on CPU); gradients are re-set before each
 step outside the timed region (peft preconditions .grad in place). ratio = time / adamw time;
-speedup_vs_eager = eager time / time. max_rel_err: the parameters after one step against "eager".
+speedup_vs_eager = eager time / time. max_rel_err: the parameters after one step against "eager" (lorakern's
+Grams, solves and P grad products are float64, the eager form's fp32: part of the difference is the latter's).
 """
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
 """The fused Triton path of lk.optim against the torch engine (under TRITON_INTERPRET=1 on the CPU)."""
+import math
+
 import pytest
 import torch
 
@@ -24,7 +26,14 @@ def make_layers(dtype, seed=0):
     return layers
 
 
-def run(backend, dtype, cls, steps=3, **kw):
+def _transposed_layout(t):
+    """The same values with column-major strides: a non-contiguous gradient (e.g. from a transposed matmul)."""
+    out = t.t().contiguous().t()
+    assert not out.is_contiguous() and torch.equal(out, t)
+    return out
+
+
+def run(backend, dtype, cls, steps=3, noncontiguous_grads=False, **kw):
     """Parameters after `steps` steps with fixed random gradients; on step 2 one A and one B have no grad."""
     lk.set_backend(backend)
     layers = make_layers(dtype)
@@ -34,6 +43,8 @@ def run(backend, dtype, cls, steps=3, **kw):
         for i, l in enumerate(layers):
             gA = torch.randn(l.lora_A.shape, generator=g).to(DEVICE, dtype)
             gB = torch.randn(l.lora_B.shape, generator=g).to(DEVICE, dtype)
+            if noncontiguous_grads and l.r > 1:  # (r=1 factors stay contiguous whatever the strides)
+                gA, gB = _transposed_layout(gA), _transposed_layout(gB)
             l.lora_A.grad = None if (step == 1 and i == 0) else gA
             l.lora_B.grad = None if (step == 1 and i == 1) else gB
         opt.step()
@@ -118,11 +129,25 @@ def test_fused_standard_init_b_zero_is_finite(damping, count_fused_updates):
     assert torch.isfinite(layer.lora_B).all() and layer.lora_B.detach().abs().max() > 0
 
 
-def test_non_contiguous_factors_fall_back_to_the_torch_engine():
+@pytest.mark.parametrize("method", ["adamw", "scaledgd"])
+def test_non_contiguous_gradients_are_made_contiguous_for_the_kernel(method, count_fused_updates):
+    if method == "adamw":
+        cls, kw = lk.optim.PreconditionedAdamW, dict(lr=1e-2, damping=1e-3, weight_decay=0.05)
+    else:
+        cls, kw = lk.optim.ScaledGD, dict(lr=0.05, damping=0.0)
+    expected = run("torch", torch.float32, cls, **kw)
+    start = [t.detach().clone() for l in make_layers(torch.float32) for t in (l.lora_A, l.lora_B)]
+    got = run("triton", torch.float32, cls, noncontiguous_grads=True, **kw)
+    assert count_fused_updates["fused"] > 0
+    for e, g, s in zip(expected, got, start):
+        assert rel_err(g, e) < TOL[torch.float32] * rel_err(e, s)
+
+
+@pytest.mark.parametrize("factor", ["lora_A", "lora_B"])
+def test_non_contiguous_factors_fall_back_to_the_torch_engine(factor):
     lk.set_backend("triton")
     layer = make_layers(torch.float32)[1]
-    layer.lora_A = torch.nn.Parameter(layer.lora_A.detach().t().contiguous().t())  # (r, in) with transposed strides
-    assert not layer.lora_A.is_contiguous()
+    setattr(layer, factor, torch.nn.Parameter(_transposed_layout(getattr(layer, factor).detach())))
     twin_A, twin_B = layer.lora_A.detach().clone(), layer.lora_B.detach().clone()
     gA, gB = torch.randn_like(twin_A), torch.randn_like(twin_B)
     layer.lora_A.grad, layer.lora_B.grad = gA, gB
@@ -131,3 +156,130 @@ def test_non_contiguous_factors_fall_back_to_the_torch_engine():
     P_B = torch.linalg.inv(twin_A @ twin_A.T + 1e-3 * torch.eye(3))
     assert rel_err(layer.lora_A, twin_A - 0.1 * P_A @ gA) < 1e-5
     assert rel_err(layer.lora_B, twin_B - 0.1 * gB @ P_B) < 1e-5
+
+
+def _target(m, n, r, cond, seed):
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64))
+    return U @ torch.diag(torch.logspace(0, -math.log10(cond), r, dtype=torch.float64)) @ V.T
+
+
+def test_fused_nystrom_unit_step_recovers_the_target_at_fp32_rounding(count_fused_updates):
+    """test_optim's one-step recovery on the fused path: float64 Grams (fp64 tl.dot) and a float64 P grad
+    product in the update kernel. With fp32 Grams or an fp32 P grad product, seeds miss by up to 0.4."""
+    lk.set_backend("triton")
+    u = torch.finfo(torch.float32).eps / 2
+    for seed in range(20):
+        M = _target(40, 33, 5, 10.0, seed)
+        layer = lk.LoRALinear(33, 40, r=5, alpha=5, device=DEVICE)
+        A, B = lk.init.nystrom(M.float(), 5, xi=1.0, generator=torch.Generator().manual_seed(seed + 3))
+        with torch.no_grad():
+            layer.lora_A.copy_(A)
+            layer.lora_B.copy_(B)
+        cond_B = torch.linalg.cond(B.double()).item()
+        opt = lk.optim.ScaledGD([layer], lr=1.0, damping=0.0)
+        (0.5 * ((layer.lora_B @ layer.lora_A - M.float().to(DEVICE)) ** 2).sum()).backward()
+        opt.step()
+        assert rel_err(layer.delta_weight().cpu(), M) < 4 * u * cond_B, (seed, cond_B)  # see test_optim's
+    assert count_fused_updates["fused"] == 2 * 20  # A's and B's (a zero step: A = 0 gives P_B = 0) updates
+
+
+def _fp32_scalar_launches(monkeypatch):
+    """Emulates the GPU launcher under the interpreter: Python float kernel arguments become fp32."""
+    import numpy as np
+    from lorakern.optim import precond_triton
+
+    class Fp32Args:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launch = self.kernel[grid]
+
+            def call(*args, **kw):
+                args = [float(np.float32(a)) if type(a) is float else a for a in args]
+                return launch(*args, **kw)
+            return call
+
+    monkeypatch.setattr(precond_triton, "_update_kernel", Fp32Args(precond_triton._update_kernel))
+
+
+@pytest.mark.parametrize("beta2", [0.999, 0.99999])
+def test_fused_coefficients_survive_fp32_kernel_arguments(beta2, monkeypatch):
+    """1 - beta2 must come from the host in float64: formed in the kernel from an fp32 beta2 = 0.99999 it is
+    off by 0.6%, and the fused step leaves the reference by 7e-4 of its movement."""
+    kw = dict(lr=1e-3, betas=(0.9, beta2), damping=1e-3, weight_decay=1e-4)
+    expected = run("torch", torch.float32, lk.optim.PreconditionedAdamW, **kw)
+    start = [t.detach().clone() for l in make_layers(torch.float32) for t in (l.lora_A, l.lora_B)]
+    _fp32_scalar_launches(monkeypatch)
+    got = run("triton", torch.float32, lk.optim.PreconditionedAdamW, **kw)
+    for e, g, s in zip(expected, got, start):
+        assert rel_err(g, e) < TOL[torch.float32] * rel_err(e, s)
+
+
+def test_launches_run_under_the_tensors_cuda_device(monkeypatch):
+    from lorakern.optim import precond_triton
+    guard = precond_triton.device_guard(torch.device("cuda", 1))  # no CUDA call until entered
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert not isinstance(precond_triton.device_guard(torch.device("cpu")), torch.cuda.device)
+    seen = []
+    real = precond_triton.device_guard
+
+    def recording(device):
+        seen.append(device)
+        return real(device)
+
+    launches = {"n": 0}
+    for name in ("_gram_kernel", "_update_kernel"):
+        kernel = getattr(precond_triton, name)
+
+        class Checked:
+            def __init__(self, k):
+                self.k = k
+
+            def __getitem__(self, grid):
+                launch = self.k[grid]
+
+                def call(*a, **kw):
+                    launches["n"] += 1
+                    assert len(seen) == launches["n"]  # entered right before this launch
+                    return launch(*a, **kw)
+                return call
+        monkeypatch.setattr(precond_triton, name, Checked(kernel))
+    monkeypatch.setattr(precond_triton, "device_guard", recording)
+    run("triton", torch.float32, lk.optim.PreconditionedAdamW, steps=1, lr=1e-2)
+    assert launches["n"] == 4 * len({r for _, _, r in SHAPES}) and set(seen) == {DEVICE}
+
+
+def test_address_tables_are_cached_and_uploaded_once(monkeypatch):
+    """Steady state (same parameters, state and gradient tensors): no table is built or uploaded; a new
+    gradient address rebuilds one table, in one upload; per-factor bias corrections only when steps differ."""
+    from lorakern.optim import precond_triton
+    lk.set_backend("triton")
+    layers = make_layers(torch.float32)
+    opt = lk.optim.PreconditionedAdamW(layers, lr=1e-2, damping=1e-3)
+    grads = [(torch.randn_like(l.lora_A), torch.randn_like(l.lora_B)) for l in layers]
+    for l, (gA, gB) in zip(layers, grads):
+        l.lora_A.grad, l.lora_B.grad = gA, gB
+    optimizers._fused_engine().tables.clear()  # other tests' tensors may have held these addresses
+    uploads = []
+    real = precond_triton.upload
+    monkeypatch.setattr(precond_triton, "upload", lambda host, device: uploads.append(host) or real(host, device))
+    opt.step()
+    n_buckets = len({r for _, _, r in SHAPES})
+    assert len(uploads) == 2 * 3 * n_buckets  # per bucket: 2 Gram tables, 2 tile tables, 2 factor tables
+    uploads.clear()
+    opt.step()
+    opt.step()
+    assert uploads == []  # the bias corrections changed, but they are kernel arguments
+    layers[0].lora_A.grad = grads[0][0].clone()  # a new address in the r = 16 bucket
+    opt.step()
+    assert len(uploads) == 1 and uploads[0].shape == (1, precond_triton.ROW)
+    uploads.clear()
+    layers[1].lora_B.grad = None  # r = 3 bucket: this B falls one step behind its partner in the bucket
+    opt.step()
+    layers[1].lora_B.grad = grads[1][1]
+    opt.step()
+    per_factor = [t for t in uploads if t.shape[0] == 2 and t[:, 5:].ne(0).any()]
+    assert len(per_factor) == 1  # the B table of the r = 3 bucket now carries its two factors' own steps

@@ -20,27 +20,40 @@ with "lora_pairs": True, which state_dict saves, so the pairing survives a save/
 
 Gradients: a factor whose .grad is None is skipped for that step (no moment update, no decay, its step count
 does not advance), as torch.optim does; its partner is still preconditioned by the skipped factor's current
-value. The caller's .grad tensors are read, never modified. Optimizer state (exp_avg, exp_avg_sq) is fp32 for
-fp32/bf16/fp16 adapters (fp64 for fp64); "step" is a Python int per factor. bf16 adapters are updated in fp32
-and rounded once per step (no fp32 master copy: updates below half a bf16 ulp are lost, as with any bf16 param).
+value (so a frozen lora_A, LoRA-FA style, still preconditions lora_B). The caller's .grad tensors are read,
+never modified (nor copied when they are already fp32/fp64, for the plain group). Optimizer state (exp_avg,
+exp_avg_sq) is fp32 for fp32/bf16/fp16 adapters (fp64 for fp64); "step" is a Python int per factor. The Grams,
+the r x r solves and the products P grad are float64 (preconditioner.py); the element-wise update is fp32 (fp64
+for fp64 adapters). bf16 adapters are updated in fp32 and rounded once per step (no fp32 master copy: updates
+below half a bf16 ulp are lost, as with any bf16 param).
+
+Hyperparameters are validated at construction, in add_param_group and load_state_dict, and again (cheaply,
+before anything is modified) at every step(), so a value set in param_groups later (e.g. order="gs") raises
+instead of silently running another variant. eps must be > 0.
 
 Backend: where lorakern._backend.resolve(device) is "triton" (CUDA in "auto" mode; the CPU interpreter when
 forced) the pairs go through the fused kernels of precond_triton (imported on first use); elsewhere, and for
-fp64, r > 128 or non-contiguous factors, through torch_engine.
+fp64, r > 128 or non-contiguous factors, through torch_engine. All solves of a step on one device are one
+batched call (damped_inverses), whatever the number of ranks. Host synchronisations per step and device: none
+with damping > 0; with damping == 0 one per solve (torch.linalg.eigh's error check): one per step for
+order="jacobi", two for "gauss-seidel" (B's solve needs the updated A's). The fused path's address tables are
+cached (no upload in a steady loop) and otherwise uploaded from pinned memory without synchronising.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from itertools import chain
 
 import torch
 
 from lorakern import _backend
 from lorakern.optim.pairs import check_pairs, collect_pairs
-from lorakern.optim.preconditioner import NORMALIZE_CHOICES, damped_inverse, work_dtype
+from lorakern.optim.preconditioner import NORMALIZE_CHOICES, damped_inverses, work_dtype
 from lorakern.optim.torch_engine import FactorBatch, Hyper, TorchEngine
 
 ORDER_CHOICES = ("jacobi", "gauss-seidel")
+_ADAM_ONLY_KEYS = {"betas", "eps", "bias_correction"}
 _TORCH_ENGINE = TorchEngine()
 _triton_engine = None
 
@@ -55,15 +68,20 @@ def _fused_engine():
     return _triton_engine
 
 
-def _number(value, name: str, low: float = 0.0, high: float | None = None) -> float:
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
+def _number(value, name: str, low: float = 0.0, high: float | None = None, positive: bool = False) -> float:
+    """value as a finite float in [low, high) ((low, high) with positive=True); TypeError / ValueError otherwise."""
+    if isinstance(value, float):  # the common case, checked at every step
+        pass
+    elif isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     value = float(value)
-    if not math.isfinite(value) or value < low or (high is not None and value >= high):
+    if (not math.isfinite(value) or value < low or (positive and value <= low)
+            or (high is not None and value >= high)):
+        lower = f"> {low}" if positive else f">= {low}"
         upper = "" if high is None else f" and < {high}"
-        raise ValueError(f"{name} must be a finite number >= {low}{upper}, got {value}")
+        raise ValueError(f"{name} must be a finite number {lower}{upper}, got {value}")
     return value
 
 
@@ -79,6 +97,7 @@ class _PairOptimizer(torch.optim.Optimizer):
         if others:
             groups.append({"params": others, "lora_pairs": False})
         self._buckets_cache: dict[int, tuple[tuple[int, ...], list]] = {}
+        self._hyper_keys = tuple(defaults)  # this variant's hyperparameters (torch adds keys to defaults)
         super().__init__(groups, defaults)
 
     # -- param groups ------------------------------------------------------------------------------------
@@ -92,7 +111,11 @@ class _PairOptimizer(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
 
-    def _check_group(self, group: dict) -> None:
+    def _check_hyper(self, group: dict) -> None:
+        """Validates (and normalizes to floats) a group's hyperparameters; cheap enough for every step."""
+        for key in self._hyper_keys:
+            if key not in group:
+                raise ValueError(f"param group is missing {key!r}, a hyperparameter of {type(self).__name__}")
         group["lr"] = _number(group["lr"], "lr")
         group["weight_decay"] = _number(group["weight_decay"], "weight_decay")
         group["damping"] = _number(group["damping"], "damping")
@@ -105,11 +128,14 @@ class _PairOptimizer(torch.optim.Optimizer):
             if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2:
                 raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
             group["betas"] = (_number(betas[0], "betas[0]", 0.0, 1.0), _number(betas[1], "betas[1]", 0.0, 1.0))
-            group["eps"] = _number(group["eps"], "eps")
+            group["eps"] = _number(group["eps"], "eps", positive=True)
             if not isinstance(group["bias_correction"], bool):
                 raise TypeError(f"bias_correction must be True or False, got {group['bias_correction']!r}")
-        if not isinstance(group["lora_pairs"], bool):
-            raise TypeError(f"lora_pairs must be True or False, got {group['lora_pairs']!r}")
+        if not isinstance(group.get("lora_pairs"), bool):
+            raise TypeError(f"lora_pairs must be True or False, got {group.get('lora_pairs')!r}")
+
+    def _check_group(self, group: dict) -> None:
+        self._check_hyper(group)
         if group["lora_pairs"]:
             check_pairs(group["params"])
         for p in group["params"]:
@@ -151,23 +177,55 @@ class _PairOptimizer(torch.optim.Optimizer):
                 batch.bc2_sqrts.append(1.0)
         return batch
 
+    def _check_loadable(self, state_dict: dict) -> None:
+        """Raises ValueError unless `state_dict` is this optimizer's kind of state for the same pairing; it
+        modifies nothing (load_state_dict calls it before touching any group or state)."""
+        name = type(self).__name__
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+            raise ValueError(f"expected an optimizer state dict with 'state' and 'param_groups', got "
+                             f"{type(state_dict).__name__}")
+        saved_groups, state = state_dict["param_groups"], state_dict["state"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"the state dict has {len(saved_groups)} param groups but this {name} has "
+                             f"{len(self.param_groups)}")
+        variant_keys = set(self._hyper_keys) | {"lora_pairs"}
+        foreign = _ADAM_ONLY_KEYS - variant_keys
+        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            missing = sorted(variant_keys - saved.keys())
+            extra = sorted(foreign & saved.keys())
+            if missing or extra:
+                what = f"lacks {missing}" if missing else f"has {extra}"
+                raise ValueError(f"param group {i}: the saved group {what}: it was not saved by a {name} "
+                                 f"(PreconditionedAdamW and ScaledGD states are not interchangeable)")
+            if bool(saved["lora_pairs"]) != group["lora_pairs"]:
+                raise ValueError(f"param group {i}: the saved state has lora_pairs={saved['lora_pairs']} "
+                                 f"but this optimizer has lora_pairs={group['lora_pairs']}")
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"param group {i}: the saved group holds {len(saved['params'])} tensors, this "
+                                 f"one {len(group['params'])}; the state belongs to another model")
+            candidate = {**saved, "params": group["params"]}
+            try:
+                self._check_group(candidate)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"param group {i} of the state dict: {exc}") from exc
+            for sid, p in zip(saved["params"], group["params"]):
+                saved_state = state.get(sid, {})
+                if not self._adam and {"exp_avg", "exp_avg_sq"} & saved_state.keys():
+                    raise ValueError(f"param group {i}: the saved state holds Adam moments; it was saved by "
+                                     f"PreconditionedAdamW, not {name}")
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if key in saved_state and tuple(saved_state[key].shape) != tuple(p.shape):
+                        raise ValueError(f"param group {i}: saved {key} of shape "
+                                         f"{tuple(saved_state[key].shape)} for a parameter of shape "
+                                         f"{tuple(p.shape)}; the state belongs to another model")
+
     def load_state_dict(self, state_dict: dict) -> None:
-        """As torch.optim.Optimizer's, keeping the state fp32 (torch would cast it to a bf16 parameter's dtype)
-        and checking that the saved groups pair the same factors the same way."""
+        """As torch.optim.Optimizer's, keeping the state fp32 (torch would cast it to a bf16 parameter's dtype),
+        after checking, before anything changes, that the state was saved by the same optimizer class
+        (its hyperparameter keys, no Adam moments for ScaledGD), with valid values, for the same pairing
+        (group count, lora_pairs flags, tensor counts, moment shapes). Raises ValueError otherwise."""
+        self._check_loadable(state_dict)
         saved_groups = state_dict["param_groups"]
-        if len(saved_groups) == len(self.param_groups):
-            for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
-                if bool(saved.get("lora_pairs", False)) != group["lora_pairs"]:
-                    raise ValueError(f"param group {i}: the saved state has lora_pairs={saved.get('lora_pairs')} "
-                                     f"but this optimizer has lora_pairs={group['lora_pairs']}")
-                if len(saved["params"]) == len(group["params"]):
-                    for sid, p in zip(saved["params"], group["params"]):
-                        saved_state = state_dict["state"].get(sid, {})
-                        for key in ("exp_avg", "exp_avg_sq"):
-                            if key in saved_state and tuple(saved_state[key].shape) != tuple(p.shape):
-                                raise ValueError(f"param group {i}: saved {key} of shape "
-                                                 f"{tuple(saved_state[key].shape)} for a parameter of shape "
-                                                 f"{tuple(p.shape)}; the state belongs to another model")
         super().load_state_dict(state_dict)
         saved_ids = chain.from_iterable(g["params"] for g in saved_groups)
         params = chain.from_iterable(g["params"] for g in self.param_groups)
@@ -188,6 +246,8 @@ class _PairOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for group in self.param_groups:  # all groups first: an invalid value raises before anything moves
+            self._check_hyper(group)
         for group in self.param_groups:
             if group["lora_pairs"]:
                 self._step_pairs(group)
@@ -206,6 +266,7 @@ class _PairOptimizer(torch.optim.Optimizer):
         ids = tuple(map(id, params))
         cached = self._buckets_cache.get(id(group))
         if cached is None or cached[0] != ids:
+            check_pairs(params)  # the list was edited in place since the last check
             buckets: dict[tuple, list] = {}
             for i in range(0, len(params), 2):
                 A, B = params[i], params[i + 1]
@@ -224,26 +285,44 @@ class _PairOptimizer(torch.optim.Optimizer):
 
     def _step_pairs(self, group: dict) -> None:
         hyper, damping, normalize = self._hyper(group), group["damping"], group["normalize"]
+        by_device: dict[torch.device, list] = {}
         for (device, dtype, r), pairs in self._buckets(group):
             a_pairs = [(A, B) for A, B in pairs if A.grad is not None]
             b_pairs = [(A, B) for A, B in pairs if B.grad is not None]
             if not a_pairs and not b_pairs:
                 continue
-            engine = self._engine(device, dtype, r, pairs)
-            a_batch = self._batch("A", [A for A, _ in a_pairs], group)
-            b_batch = self._batch("B", [B for _, B in b_pairs], group)
+            by_device.setdefault(device, []).append(_Work(
+                self._engine(device, dtype, r, pairs), dtype, r, a_pairs, b_pairs,
+                self._batch("A", [A for A, _ in a_pairs], group), self._batch("B", [B for _, B in b_pairs], group)))
+        for works in by_device.values():  # one batched solve per device and phase, whatever the ranks
             if group["order"] == "jacobi":  # both preconditioners from the factors before the step
-                grams = engine.grams([B for _, B in a_pairs], [A for A, _ in b_pairs], r)
-                P = damped_inverse(grams, damping, normalize)
-                engine.update(a_batch, P[:len(a_pairs)], hyper)
-                engine.update(b_batch, P[len(a_pairs):], hyper)
+                grams = [w.engine.grams([B for _, B in w.a_pairs], [A for A, _ in w.b_pairs], w.r) for w in works]
+                Ps = damped_inverses(grams, damping, normalize, [w.dtype for w in works])
+                for w, P in zip(works, Ps):
+                    w.engine.update(w.a_batch, P[:len(w.a_pairs)], hyper)
+                    w.engine.update(w.b_batch, P[len(w.a_pairs):], hyper)
             else:  # gauss-seidel: A first, then B's preconditioner from the updated A
-                if a_pairs:
-                    P_A = damped_inverse(engine.grams([B for _, B in a_pairs], [], r), damping, normalize)
-                    engine.update(a_batch, P_A, hyper)
-                if b_pairs:
-                    P_B = damped_inverse(engine.grams([], [A for A, _ in b_pairs], r), damping, normalize)
-                    engine.update(b_batch, P_B, hyper)
+                for kind in ("A", "B"):
+                    todo = [w for w in works if (w.a_pairs if kind == "A" else w.b_pairs)]
+                    if not todo:
+                        continue
+                    grams = [w.engine.grams([B for _, B in w.a_pairs], [], w.r) if kind == "A"
+                             else w.engine.grams([], [A for A, _ in w.b_pairs], w.r) for w in todo]
+                    Ps = damped_inverses(grams, damping, normalize, [w.dtype for w in todo])
+                    for w, P in zip(todo, Ps):
+                        w.engine.update(w.a_batch if kind == "A" else w.b_batch, P, hyper)
+
+
+@dataclass
+class _Work:
+    """One bucket's share of a step: its engine, the pairs whose A / B have a gradient, and their batches."""
+    engine: object
+    dtype: torch.dtype
+    r: int
+    a_pairs: list
+    b_pairs: list
+    a_batch: FactorBatch
+    b_batch: FactorBatch
 
 
 class PreconditionedAdamW(_PairOptimizer):
@@ -252,6 +331,7 @@ class PreconditionedAdamW(_PairOptimizer):
 
     model: a module (its LoRALinear pairs are preconditioned; its other trainable parameters get plain AdamW
     in param group 1) or an iterable of LoRALinear modules. damping: lambda >= 0 (0: pseudo-inverse).
+    eps > 0 (eps = 0 divides 0 by 0 where a preconditioned gradient is 0, e.g. at the standard init).
     normalize: None or "fro". order: "jacobi" or "gauss-seidel". bias_correction=False reproduces the
     reference code (it applies to every param group). See the module docstring for the exact update.
     """
@@ -271,7 +351,11 @@ class ScaledGD(_PairOptimizer):
     p <- p (1 - lr weight_decay) - lr * (preconditioned gradient); other trainable parameters of a module get
     plain SGD with the same lr and decay. With damping=0, normalize=None and lr=eta this is eq. (5) iterate for
     iterate (first-step skip included), and after Nystrom init lr=1 recovers an exactly-parametrized target
-    in one step (the loss being 1/2 ||scaling B A - M||_F^2 with scaling 1).
+    in one step (the loss being 1/2 ||scaling B A - M||_F^2 with scaling 1), up to the factors' rounding
+    (about cond(B) u: the solve is float64).
+
+    There is no momentum: schedulers that cycle it need it switched off, e.g.
+    torch.optim.lr_scheduler.OneCycleLR(opt, max_lr, total_steps, cycle_momentum=False) (CyclicLR likewise).
     """
     _adam = False
 
