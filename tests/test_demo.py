@@ -23,7 +23,8 @@ def _have(module):
 def test_demo_smoke(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     proc = subprocess.run(
-        [sys.executable, str(DEMO), "--epochs", "1", "--steps", "2", "--out", str(tmp_path / "adapter")],
+        [sys.executable, str(DEMO), "--epochs", "1", "--steps", "2", "--grad-batches", "2",
+         "--out", str(tmp_path / "adapter"), "--plot", str(tmp_path / "loss.png")],
         capture_output=True, text=True, timeout=600, env=env,
     )
     out = proc.stdout + proc.stderr
@@ -32,3 +33,6 @@ def test_demo_smoke(tmp_path):
     assert match, out[-4000:]
     assert float(match.group(1)) < 1e-5, match.group(0)
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    # both recipes ran and the comparison table lists them
+    assert re.search(r"^lora\s+B=0 \+ AdamW", out, re.M) and re.search(r"^lora-one\s+LoRA-One", out, re.M), out[-3000:]
+    assert "[lora-one] spectral_init over 2 batches" in out
