@@ -1,6 +1,7 @@
 """Helpers shared by the paper reproductions: result tables, the output folder, optional matplotlib plots."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -56,3 +57,20 @@ def save_figure(plt, fig, name: str, out: str | os.PathLike | None = None) -> Pa
     plt.close(fig)
     print(f"\nplot: {path}")
     return path
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run a block with `n` intra-op threads, restoring the previous count afterwards.
+
+    The synthetic reproductions multiply r x d matrices (r <= 20) thousands of times: with more than one
+    thread the OpenMP fork/join costs more than the product, and on a busy machine a 2-thread barrier can
+    stall a 10-microsecond GEMM for tens of milliseconds (measured: 8 x 100 @ 100 x 100 took 24 ms with 2
+    threads while another process held a core, 8 us with 1)."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
