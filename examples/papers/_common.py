@@ -74,3 +74,13 @@ def torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def run_cli(main, doc: str) -> None:
+    """The command line every reproduction script shares: --quick and --out, then main(quick, out)."""
+    import argparse
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes (a few seconds)")
+    parser.add_argument("--out", default=None, help="folder for the PNG (default examples/papers/out)")
+    args = parser.parse_args()
+    main(quick=args.quick, out=args.out)

@@ -15,7 +15,6 @@ assumes; L* = 0), trained with the library's LoRALinear (float64) by plain simul
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -27,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lorakern as lk  # noqa: E402
 from lorakern import theory  # noqa: E402
-from _common import print_table, pyplot, save_figure  # noqa: E402
+from _common import print_table, pyplot, save_figure, run_cli  # noqa: E402
 
 F64 = torch.float64
 
@@ -223,8 +222,4 @@ def main(quick: bool = False, out=None) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes (a few seconds)")
-    parser.add_argument("--out", default=None, help="folder for the PNG (default examples/papers/out)")
-    args = parser.parse_args()
-    main(quick=args.quick, out=args.out)
+    run_cli(main, __doc__)

@@ -20,7 +20,6 @@ Fig. 1(c) (digits) is in lora_one_digits.py.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -30,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lorakern as lk  # noqa: E402
-from _common import print_table, pyplot, save_figure, torch_threads  # noqa: E402
+from _common import print_table, pyplot, save_figure, torch_threads, run_cli  # noqa: E402
 import _lora_one_linear as lin  # noqa: E402
 
 F64 = torch.float64
@@ -344,8 +343,4 @@ def main(quick: bool = False, out=None) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes (seconds)")
-    parser.add_argument("--out", default=None, help="folder for the PNG (default examples/papers/out)")
-    args = parser.parse_args()
-    main(quick=args.quick, out=args.out)
+    run_cli(main, __doc__)

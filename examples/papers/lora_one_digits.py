@@ -21,7 +21,6 @@ paper's 5e-4 included) over three seeds (data split, pre-training, adapter draws
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import sys
@@ -34,7 +33,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lorakern as lk  # noqa: E402
-from _common import print_table, pyplot, save_figure, torch_threads  # noqa: E402
+from _common import print_table, pyplot, save_figure, torch_threads, run_cli  # noqa: E402
 
 METHODS = ("Full FT", "LoRA", "LoRA-One", "LoRA-One-P", "NoRA")
 RANK, ALPHA, S = 4, 16.0, 16.0
@@ -175,8 +174,4 @@ def main(quick: bool = False, out=None) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one seed, one learning rate, 60 steps")
-    parser.add_argument("--out", default=None, help="folder for the PNG (default examples/papers/out)")
-    args = parser.parse_args()
-    main(quick=args.quick, out=args.out)
+    run_cli(main, __doc__)

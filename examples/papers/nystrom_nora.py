@@ -20,7 +20,6 @@ eq. (3)) and lk.init.gaussian (small init). GD is torch.optim.SGD at the paper's
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -30,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lorakern as lk  # noqa: E402
-from _common import print_table, pyplot, save_figure, torch_threads  # noqa: E402
+from _common import print_table, pyplot, save_figure, torch_threads, run_cli  # noqa: E402
 
 F64 = torch.float64
 EP_SPECTRUM = [1.0 - 0.01 * i for i in range(19)] + [0.01]        # {1.0, 0.99, ..., 0.82, 0.01}, App. 10.1
@@ -307,8 +306,4 @@ def main(quick: bool = False, out=None) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="m = 200 and shorter GD runs")
-    parser.add_argument("--out", default=None, help="folder for the PNG (default examples/papers/out)")
-    args = parser.parse_args()
-    main(quick=args.quick, out=args.out)
+    run_cli(main, __doc__)
