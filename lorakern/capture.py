@@ -9,6 +9,7 @@ are restored afterwards. Under torch.distributed the accumulators are summed acr
 from __future__ import annotations
 
 import contextlib
+import itertools
 import warnings
 from collections.abc import Callable, Iterable
 
@@ -76,14 +77,26 @@ def distributed_world() -> int:
 
 
 def check_same_layout_across_ranks(layers: dict[str, LoRALinear]) -> None:
+    """Raises the same ValueError on every rank unless all ranks hold the same LoRA layers.
+
+    Call it before any check that could raise on one rank only (no layers, merged layers): a rank that
+    raised alone would leave the others waiting in the capture's first collective. The accumulator dtype is
+    part of the layout because the per-layer sums are all-reduced.
+    """
     if distributed_world() == 1:
         return
-    mine = sorted((n, m.out_features, m.in_features, m.r) for n, m in layers.items())
+    mine = sorted((n, m.out_features, m.in_features, m.r, m.merged, str(accumulator_dtype(m)))
+                  for n, m in layers.items())
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
-    if any(other != mine for other in everyone):
-        raise ValueError(f"rank {dist.get_rank()}: the ranks disagree on the model's LoRA layers "
-                         f"(names, shapes, ranks); every rank must hold the same model")
+    differing = [rank for rank, other in enumerate(everyone) if other != everyone[0]]
+    if differing:
+        other = differing[0]
+        first = next((a, b) for a, b in itertools.zip_longest(everyone[0], everyone[other]) if a != b)
+        raise ValueError(f"rank {dist.get_rank()}: the ranks disagree on the model's LoRA layers (names, shapes, "
+                         f"ranks r, merged state, dtypes): rank 0 has {len(everyone[0])} layers, rank {other} "
+                         f"{len(everyone[other])}; first difference (name, out, in, r, merged, dtype): "
+                         f"rank 0 {first[0]} vs rank {other} {first[1]}; every rank must hold the same model")
 
 
 def accumulator_dtype(layer: LoRALinear) -> torch.dtype:
@@ -229,6 +242,7 @@ def capture_gradients(model: torch.nn.Module, batches: Iterable, loss_fn: Callab
     """
     from lorakern.model import lora_modules
     layers = lora_modules(model) if layers is None else layers
+    check_same_layout_across_ranks(layers)  # first: every rank must raise together, or none
     if not layers:
         raise ValueError("model has no LoRALinear layers")
     cap = GradientCapture(model, layers, batches, loss_fn)

@@ -105,6 +105,8 @@ def spectral_init(model: torch.nn.Module, batches: Iterable, loss_fn: Callable, 
     if not callable(loss_fn):
         raise TypeError("loss_fn must be callable as loss_fn(model, batch) -> scalar loss")
     layers = lora_modules(model)
+    # Before any check that could fail on one rank only (no layers, merged layers): all ranks raise together.
+    check_same_layout_across_ranks(layers)
     if not layers:
         raise ValueError("spectral_init: model has no LoRALinear layers (call lorakern.apply_lora first)")
     merged = [n for n, m in layers.items() if m.merged]
@@ -118,7 +120,6 @@ def spectral_init(model: torch.nn.Module, batches: Iterable, loss_fn: Callable, 
                              f"shape ({m.out_features}, {m.in_features})")
         need[n] = k * m.r
     check_reiterable(batches, 1 if mode == "exact" else 2 + 2 * n_iter)
-    check_same_layout_across_ranks(layers)
 
     cap = GradientCapture(model, layers, batches, loss_fn, seed=seed, progress=_progress(progress))
     svds = _svd_of_capture(cap, layers, need, mode, n_iter, oversample, seed)

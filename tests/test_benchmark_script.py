@@ -46,3 +46,20 @@ def test_optim_bench_small_writes_json(tmp_path):
     assert all(row["step_ms"] > 0 for row in rows.values())
     # the same preconditioned step as the eager per-pair form (fp32; step 1 of Adam is sign-like)
     assert rows["lorakern"]["max_rel_err_vs_eager"] < 1e-4 and rows["peft"]["max_rel_err_vs_eager"] < 1e-4
+
+
+def test_e2e_step_small_writes_json_for_every_variant(tmp_path):
+    out = tmp_path / "e2e.json"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "e2e_step.py"), "--device", "cpu", "--small",
+           "--warmup", "1", "--iters", "2", "--threads", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    rows = {row["variant"]: row for row in data["results"]}
+    assert {"frozen", "lk-padamw", "lk-adamw", "peft", "peft-bf16", "peft-riemannian"} <= set(rows)
+    assert rows["frozen"]["x_floor"] == 1.0 and rows["frozen"]["trainable_params"] == 0
+    assert all(row["step_ms"] > 0 and row["tokens_per_s"] > 0 for row in rows.values())
+    # the same LoRA layout in lorakern and peft; B = 0 at init, so every variant starts from the base's loss
+    assert rows["lk-padamw"]["trainable_params"] == rows["peft"]["trainable_params"] > 0
+    first = rows["frozen"]["first_loss"]
+    assert all(abs(row["first_loss"] - first) <= 1e-3 * abs(first) for row in rows.values())
