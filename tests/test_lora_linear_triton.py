@@ -142,6 +142,45 @@ def test_dropout_same_mask_forward_and_backward(poison):
     _check(y, (x.grad, A.grad, B.grad), _reference(x, W, b, A, B, 0.9, dy, keep, p), 1e-5)
 
 
+@pytest.mark.parametrize("xa_k, gemm_n", [(16, 256), (256, 16), (64, 128)])
+def test_dropout_mask_independent_of_tiles(monkeypatch, xa_k, gemm_n):
+    """Autotuning picks the x pass's BLOCK_K and the backward GEMM's BLOCK_N separately; the mask must be a
+    function of (row, column) alone, or dA and dx would use another mask than the forward did."""
+    from lorakern.ops import lora_linear_triton as kt
+    p, seed, n_in = 0.4, 99, 300
+    monkeypatch.setattr(kt, "_XA_META", dict(BLOCK_M=16, BLOCK_K=xa_k))
+    keep = _dropout_mask(19, n_in, p, seed)
+    monkeypatch.setattr(kt, "_XA_META", dict(BLOCK_M=16, BLOCK_K=32))
+    monkeypatch.setattr(kt, "_GEMM_META", dict(BLOCK_M=16, BLOCK_N=gemm_n, BLOCK_K=32, GROUP_M=1))
+    x = torch.randn(19, n_in, requires_grad=True)
+    W = torch.randn(21, n_in)
+    A = torch.randn(3, n_in, requires_grad=True)
+    B = torch.randn(21, 3, requires_grad=True)
+    y = ops.lora_linear(x, W, None, A, B, 1.3, p, torch.Generator().manual_seed(seed))
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    _check(y, (x.grad, A.grad, B.grad), _reference(x, W, None, A, B, 1.3, dy, keep, p), 1e-5)
+
+
+def test_fake_tensor_mode_runs_no_kernel():
+    """Shape propagation (FakeTensorMode, make_fx) must reach the custom op's fake, not launch a kernel on
+    tensors without storage."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    layer = randomize_adapter(lk.LoRALinear(30, 17, r=4))
+    x = torch.randn(2, 9, 30)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fx, fw, fb = mode.from_tensor(x), mode.from_tensor(layer.weight), mode.from_tensor(layer.bias)
+        fa, fbb = mode.from_tensor(layer.lora_A), mode.from_tensor(layer.lora_B)
+        y = ops.lora_linear(fx, fw, fb, fa, fbb, 0.5)
+        assert y.shape == (2, 9, 17) and y.dtype == torch.float32
+    x2, W, A, B = torch.randn(9, 30), torch.randn(17, 30), torch.randn(4, 30), torch.randn(17, 4)
+    gm = make_fx(lambda a, w, la, lb: ops.lora_linear(a, w, None, la, lb, 0.5))(x2, W, A, B)
+    assert any("triton_lora_forward" in str(n.target) for n in gm.graph.nodes)
+    assert rel_err(gm(x2, W, A, B), _reference(x2, W, None, A, B, 0.5, torch.ones(9, 17))[0]) < 1e-5
+
+
 def test_dropout_seeds_and_expectation():
     a = _dropout_mask(16, 40, 0.5, 1)
     assert torch.equal(a, _dropout_mask(16, 40, 0.5, 1))
@@ -220,12 +259,17 @@ def test_bad_input(args, err, match):
         ops.lora_linear(kw["x"], kw["weight"], kw["bias"], kw["lora_A"], kw["lora_B"], 1.0)
 
 
-def test_autotuned_launch_keeps_live_buffers(monkeypatch):
+@pytest.mark.parametrize("base", ["triton", "cublas"])
+def test_autotuned_launch_keeps_live_buffers(monkeypatch, base):
     """The GPU path wraps the kernels in triton.autotune, whose trial runs zero the atomic targets. With
     placeholders aliasing xa (forward) or dxa (backward with lora_A frozen), zeroing them unconditionally
-    dropped the LoRA term on the first call of each shape; the hook zeroes only real targets."""
+    dropped the LoRA term on the first call of each shape; the hook zeroes only real targets. In the cublas
+    base the GEMM kernel adds into y / dx, so every trial added the rank-r term again until the hooks
+    restored OUT after each trial."""
     from lorakern.ops import lora_linear_triton as kt
     import triton
+
+    monkeypatch.setenv("LORAKERN_BASE_GEMM", base)
 
     def cfgs(**meta_sets):
         return [triton.Config(m) for m in meta_sets["metas"]]
@@ -234,7 +278,7 @@ def test_autotuned_launch_keeps_live_buffers(monkeypatch):
         cfgs(metas=[dict(BLOCK_M=16, BLOCK_N=32), dict(BLOCK_M=32, BLOCK_N=16)]),
         cfgs(metas=[dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2),
                     dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=1)]),
-        do_bench=lambda fn, quantiles=None: (fn(), [1.0, 1.0, 1.0])[1])
+        do_bench=lambda fn, quantiles=None: (fn(), fn(), fn(), [1.0, 1.0, 1.0])[-1])  # 3 runs per trial
     monkeypatch.setattr(kt, "_xa_launch", launchers[0])
     monkeypatch.setattr(kt, "_dy_pass_launch", launchers[1])
     monkeypatch.setattr(kt, "_gemm_launch", launchers[2])
@@ -277,7 +321,7 @@ def test_new_fp32_precision_api():
         matmul.fp32_precision = saved
 
 
-@pytest.mark.parametrize("p", [-0.1, 1.0, "0.5", True])
+@pytest.mark.parametrize("p", [-0.1, 1.0, 1.0 - 2.0 ** -26, "0.5", True])
 def test_bad_dropout_p(p):
     x, W, A, B = torch.randn(5, 20), torch.randn(7, 20), torch.randn(2, 20), torch.randn(7, 2)
     with pytest.raises(ValueError, match="dropout_p"):

@@ -16,11 +16,13 @@ import warnings
 
 import torch
 from torch.autograd.function import once_differentiable
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from lorakern import _backend
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _warned_fallback = False
+_MAX_DROPOUT_P = 1.0 - 2.0 ** -24
 
 
 def _forward_torch(x, weight, bias, x_lora, lora_A, lora_B, scaling: float):
@@ -84,6 +86,15 @@ def _choose(x, lora_A) -> str:
     return impl
 
 
+def _direct_call(*tensors) -> bool:
+    """Whether the Triton launchers may be called directly, skipping the custom op's dispatcher (a few us a
+    call): only in plain eager mode on plain tensors. Under torch.compile, a dispatch mode (FakeTensorMode,
+    make_fx, FlopCounterMode...) or a tensor subclass (DTensor, FakeTensor) the custom op must run, so
+    that its fake runs instead of a kernel launch on tensors without storage."""
+    return (not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
+            and all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors))
+
+
 def _dropout_seed(generator) -> torch.Tensor:
     device = generator.device if generator is not None else "cpu"
     return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64, generator=generator)
@@ -106,7 +117,7 @@ class LoRALinearFunction(torch.autograd.Function):
             seed = _dropout_seed(generator) if dropout_p > 0.0 else None
             x = x if x.stride(-1) == 1 else x.contiguous()
             kt = _triton_ops()
-            fwd = kt.forward if torch.compiler.is_compiling() else kt._forward_impl
+            fwd = kt._forward_impl if _direct_call(x, weight, bias, lora_A, lora_B) else kt.forward
             y, xa = fwd(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed)
             # x is saved once, for dA (with the seed's mask) and, if the base is unfrozen, for dW.
             ctx.save_for_backward(x, xa, weight, lora_A, lora_B, seed)
@@ -132,7 +143,7 @@ class LoRALinearFunction(torch.autograd.Function):
         if ctx.impl == "triton":
             x, xa, weight, lora_A, lora_B, seed = ctx.saved_tensors
             kt = _triton_ops()
-            bwd = kt.backward if torch.compiler.is_compiling() else kt._backward_impl
+            bwd = kt._backward_impl if _direct_call(grad_y, x, weight, lora_A, lora_B) else kt.backward
             dx, dA, dB = bwd(grad_y, x, xa, weight, lora_A, lora_B, ctx.scaling, float(ctx.dropout_p), seed,
                              need_dx, need_dA, need_dB)
             return (dx, grad_y.t() @ x if need_dW else None, grad_y.sum(0) if (need_db and ctx.has_bias) else None,
@@ -180,8 +191,10 @@ def _check_inputs(x, weight, bias, lora_A, lora_B) -> None:
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float = 0.0, generator=None):
     """y = x W^T + b + scaling * (dropout(x) A^T) B^T for x of any leading shape (..., in_features)."""
     _check_inputs(x, weight, bias, lora_A, lora_B)
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    # The kernels take p in float32 and scale by 1 / (1 - p): p above 1 - 2^-24 would round to 1 there (NaN).
+    if (isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float))
+            or not 0.0 <= dropout_p <= _MAX_DROPOUT_P):
+        raise ValueError(f"dropout_p must be a number in [0, 1) (at most 1 - 2**-24), got {dropout_p!r}")
     dropout_p = float(dropout_p)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])

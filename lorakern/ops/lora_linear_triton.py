@@ -241,14 +241,30 @@ def _cfg(warps=4, stages=3, **meta):
     return triton.Config(meta, num_warps=warps, num_stages=stages)
 
 
-def _zero_when(flag: str, buffer: str):
-    """Autotune pre_hook: zero the atomically accumulated `buffer` before each trial run (and once after
-    tuning), but only when `flag` says the launch accumulates into it -- otherwise that argument is a
-    placeholder aliasing a live tensor (triton's reset_to_zero would wipe xa or dxa)."""
-    def hook(nargs, reset_only=False):
-        if nargs[flag]:
-            nargs[buffer].zero_()
-    return hook
+class _TrialHooks:
+    """Autotune hooks that keep every trial run of a launch from changing live tensors.
+
+    - `zero`: (flag, buffer) pairs: `buffer` is accumulated atomically when `flag` is set, so it is zeroed
+      before each trial and once after tuning. Only when the flag is set: otherwise the argument is a
+      placeholder aliasing a live tensor (triton's reset_to_zero wiped xa or dxa: first review).
+    - `restore`: (flag, buffer) pairs: `buffer` is read-modify-written when `flag` is set (ACC_OUT adds the
+      rank-r term into cuBLAS's x W^T), so it is saved before each trial and restored after it; without this
+      the first call of each shape added the LoRA term once per trial (second review)."""
+
+    def __init__(self, zero=(), restore=()):
+        self.zero, self.restore, self.saved = tuple(zero), tuple(restore), {}
+
+    def pre(self, nargs, reset_only=False):
+        for flag, buf in self.zero:
+            if nargs[flag]:
+                nargs[buf].zero_()
+        if not reset_only:  # reset_only: the call after tuning, before the real launch
+            self.saved = {buf: nargs[buf].clone() for flag, buf in self.restore if nargs[flag]}
+
+    def post(self, nargs, exception=None):
+        for buf, value in self.saved.items():
+            nargs[buf].copy_(value)
+        self.saved = {}
 
 
 # Hopper-sized starting points, still to be measured on an H100 (BENCHMARKS.md). Skinny, memory-bound passes
@@ -266,11 +282,13 @@ def autotuned(xa_configs, dy_configs, gemm_configs, **autotune_kw):
     """The three kernels wrapped in triton.autotune (keyed on the shape, M bucketed to a power of two so that
     varying sequence lengths do not re-tune). Tests build it with interpreter-sized configs."""
     xa = triton.autotune(xa_configs, key=["K", "R", "M_BUCKET"], **autotune_kw)(_xa_kernel)
+    dy_hooks = _TrialHooks(zero=[("NEED_DB", "DB")])
     dy = triton.autotune(dy_configs, key=["N", "R", "M_BUCKET", "NEED_DXA", "NEED_DB"],
-                         pre_hook=_zero_when("NEED_DB", "DB"), **autotune_kw)(_dy_pass_kernel)
+                         pre_hook=dy_hooks.pre, post_hook=dy_hooks.post, **autotune_kw)(_dy_pass_kernel)
+    gemm_hooks = _TrialHooks(zero=[("GRAD_Q", "DQ")], restore=[("ACC_OUT", "OUT")])
     gemm = triton.autotune(gemm_configs, key=["N", "K", "R", "M_BUCKET", "HAS_GEMM", "ACC_OUT", "GRAD_Q",
                                               "DROP_EPILOGUE"],
-                           pre_hook=_zero_when("GRAD_Q", "DQ"), **autotune_kw)(_gemm_lowrank_kernel)
+                           pre_hook=gemm_hooks.pre, post_hook=gemm_hooks.post, **autotune_kw)(_gemm_lowrank_kernel)
     return xa, dy, gemm
 
 
