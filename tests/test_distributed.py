@@ -244,18 +244,8 @@ def test_fsdp2_training_with_adamw_equals_single_process(ranks):
     assert_matches_single_process(value(ranks, run_fsdp2, "adamw"), single_process("adamw"))
 
 
-FSDP2_PRECONDITIONED_GAP = (
-    "lk.optim.PreconditionedAdamW does not take FSDP2's sharded DTensor parameters yet: TorchEngine.grams "
-    "writes B^T B of a DTensor factor into a plain-tensor buffer (torch.mm(..., out=...)), which DTensor rejects "
-    "('aten.mm.out: got mixed torch.Tensor and DTensor'); the Grams and the r x r preconditioners need the whole "
-    "factors (a Shard(0) lora_A holds only some of its r rows). Workaround: the next test.")
-
-
 def test_fsdp2_training_with_preconditioned_adamw_equals_single_process(ranks):
-    errors = [results[_key(run_fsdp2, "padamw")].get("error") for results in ranks]
-    if any(errors):  # the known gap, and only that: any other failure is a real one
-        assert all(e and "mixed torch.Tensor and DTensor" in e for e in errors), errors
-        pytest.xfail(FSDP2_PRECONDITIONED_GAP)
+    """Sharded (DTensor) factors: the optimizer gathers each whole factor for its Grams and writes shards back."""
     assert_matches_single_process(value(ranks, run_fsdp2, "padamw"), single_process("padamw"))
 
 

@@ -31,6 +31,12 @@ Hyperparameters are validated at construction, in add_param_group and load_state
 before anything is modified) at every step(), so a value set in param_groups later (e.g. order="gs") raises
 instead of silently running another variant. eps must be > 0.
 
+FSDP2 (DTensor factors, e.g. fully_shard without ignored_params): the Grams and the r x r solves need whole
+factors (a Shard(0) lora_A holds only some of its r rows), so each step all-gathers every sharded factor and its
+gradient into a persistent full-size plain tensor (the same on every rank), updates those as above, and writes
+each rank's shard back. The moments of such a factor are full-size on every rank (adapters are ~1% of a model)
+and state_dict() holds them as plain tensors. Two all-gathers per factor per step: sharding the base with
+the adapters in ignored_params (replicated, grads all-reduced) avoids them.
 Backend: where lorakern._backend.resolve(device) is "triton" (CUDA in "auto" mode; the CPU interpreter when
 forced) the pairs go through the fused kernels of precond_triton (imported on first use); elsewhere, and for
 fp64, r > 128 or non-contiguous factors, through torch_engine. All solves of a step on one device are one
@@ -97,6 +103,8 @@ class _PairOptimizer(torch.optim.Optimizer):
         if others:
             groups.append({"params": others, "lora_pairs": False})
         self._buckets_cache: dict[int, tuple[tuple[int, ...], list]] = {}
+        self._full: dict[torch.Tensor, torch.Tensor] = {}  # DTensor factor -> its whole value (plain tensor)
+        self._owner: dict[torch.Tensor, torch.Tensor] = {}  # and back: the state stays keyed on the parameter
         self._hyper_keys = tuple(defaults)  # this variant's hyperparameters (torch adds keys to defaults)
         super().__init__(groups, defaults)
 
@@ -160,7 +168,7 @@ class _PairOptimizer(torch.optim.Optimizer):
             return batch
         beta1, beta2 = group["betas"]
         for p in params:
-            st = self.state[p]
+            st = self.state[self._owner.get(p, p)]
             if "exp_avg" not in st:
                 st["step"] = 0
                 st["exp_avg"] = torch.zeros_like(p, dtype=work_dtype(p.dtype), memory_format=torch.contiguous_format)
@@ -260,9 +268,8 @@ class _PairOptimizer(torch.optim.Optimizer):
         if params:
             _TORCH_ENGINE.update(self._batch("plain", params, group), None, self._hyper(group))
 
-    def _buckets(self, group: dict) -> list:
+    def _buckets(self, group: dict, params: list) -> list:
         """[((device, dtype, r), [(A, B), ...]), ...]; cached while the group holds the same tensors."""
-        params = group["params"]
         ids = tuple(map(id, params))
         cached = self._buckets_cache.get(id(group))
         if cached is None or cached[0] != ids:
@@ -283,10 +290,48 @@ class _PairOptimizer(torch.optim.Optimizer):
                 return engine
         return _TORCH_ENGINE
 
+    def _gather_dtensors(self, params: list) -> list:
+        """params with every DTensor replaced by its persistent whole copy, refreshed (value and .grad) by
+        all-gathers: every rank calls them in the same order, the group's."""
+        if not any(_is_dtensor(p) for p in params):
+            return params
+        out = []
+        for p in params:
+            if not _is_dtensor(p):
+                out.append(p)
+                continue
+            whole = p.detach().full_tensor()
+            proxy = self._full.get(p)
+            if proxy is None or proxy.shape != whole.shape or proxy.dtype != whole.dtype:
+                proxy = whole.contiguous()
+                self._full[p] = proxy
+                self._owner[proxy] = p
+            else:
+                proxy.copy_(whole)
+            proxy.grad = None if p.grad is None else p.grad.full_tensor()
+            out.append(proxy)
+        return out
+
+    def _scatter_dtensors(self, params: list) -> None:
+        """Each rank's shard of the updated whole copies back into its DTensor factors (no communication:
+        every rank holds the same whole copy)."""
+        from torch.distributed.tensor import distribute_tensor
+        for p in params:
+            if _is_dtensor(p) and p.grad is not None:
+                shard = distribute_tensor(self._full[p], p.device_mesh, p.placements, src_data_rank=None)
+                p.to_local().copy_(shard.to_local())
+                self._full[p].grad = None  # the gathered gradient is not kept between steps
+
     def _step_pairs(self, group: dict) -> None:
+        params = self._gather_dtensors(group["params"])
+        self._step_gathered_pairs(group, params)
+        if params is not group["params"]:
+            self._scatter_dtensors(group["params"])
+
+    def _step_gathered_pairs(self, group: dict, params: list) -> None:
         hyper, damping, normalize = self._hyper(group), group["damping"], group["normalize"]
         by_device: dict[torch.device, list] = {}
-        for (device, dtype, r), pairs in self._buckets(group):
+        for (device, dtype, r), pairs in self._buckets(group, params):
             a_pairs = [(A, B) for A, B in pairs if A.grad is not None]
             b_pairs = [(A, B) for A, B in pairs if B.grad is not None]
             if not a_pairs and not b_pairs:
@@ -311,6 +356,10 @@ class _PairOptimizer(torch.optim.Optimizer):
                     Ps = damped_inverses(grams, damping, normalize, [w.dtype for w in todo])
                     for w, P in zip(todo, Ps):
                         w.engine.update(w.a_batch if kind == "A" else w.b_batch, P, hyper)
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return hasattr(t, "full_tensor") and hasattr(t, "device_mesh")
 
 
 @dataclass
