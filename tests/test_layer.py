@@ -338,3 +338,16 @@ def test_torch_compile_fullgraph_matches_eager(backend):
     g = [m.lora_A.grad for m in (model[0], model[2])] + [model[0].lora_B.grad]
     assert rel_err(y, y_ref) < 1e-5
     assert all(rel_err(a, b) < 1e-5 for a, b in zip(g, g_ref))
+
+
+@pytest.mark.parametrize("shape", [(5, 12), (2, 5, 12), (12,)])
+def test_output_is_not_a_view(shape):
+    """As nn.Linear: the output owns its storage (FSDP2 warns about views; in-place ops on it just work)."""
+    layer = randomize_adapter(lk.LoRALinear(12, 7, r=3))
+    x = torch.randn(*shape, requires_grad=True)
+    y = layer(x)
+    assert not y._is_view() and y.shape == (*shape[:-1], 7)
+    y.mul_(2.0).sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    (2.0 * layer(x2)).sum().backward()
+    assert torch.allclose(x.grad, x2.grad)

@@ -199,7 +199,10 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: floa
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
     y = LoRALinearFunction.apply(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, generator)
-    return y.reshape(*lead, y.shape[-1])
+    if x.dim() == 2:
+        return y
+    # A fresh tensor, not a view of y (as F.linear / matmul do): FSDP2 and in-place users expect no view.
+    return torch.ops.aten._unsafe_view(y, (*lead, y.shape[-1]))
 
 
 def _register_fakes() -> None:
