@@ -188,11 +188,13 @@ class GradientCapture:
                 losses.append(loss.detach())
         losses = torch.stack(losses).tolist() if losses else []  # one sync per pass, not per batch
         n = len(losses)
-        if distributed_world() > 1:  # reduce before raising, so that a rank with no batch cannot hang the rest
+        same = self._same_data(losses)
+        differing_ranks = 0 if same else 1
+        if distributed_world() > 1:  # reduce before raising: every rank raises together or none does (no hang)
             names = list(self.states)
-            reduced = self._all_reduce([n] + [self.states[k].hits for k in names])
-            n = int(reduced[0])
-            for k, h in zip(names, reduced[1:]):
+            reduced = self._all_reduce([n, differing_ranks] + [self.states[k].hits for k in names])
+            n, differing_ranks = int(reduced[0]), int(reduced[1])
+            for k, h in zip(names, reduced[2:]):
                 self.states[k].hits = int(h)
             for s in self.states.values():
                 if s.acc is not None:
@@ -200,21 +202,24 @@ class GradientCapture:
         if n == 0:
             raise ValueError("batches is empty: the gradient capture needs at least one batch")
         self._check_finite()  # fail on the first pass that sees NaN/Inf, naming the layer
-        self._check_same_data(losses)
+        if differing_ranks:
+            ref = self.first_losses
+            where = "" if distributed_world() == 1 else f" on {differing_ranks} rank(s); this rank's"
+            raise ValueError("spectral_init: the passes over `batches` did not see the same data" + where +
+                             f" losses {ref[:3]}... then {losses[:3]}..., {len(ref)} vs {len(losses)} batches; the "
+                             "sketch needs the same batches in the same order every pass: pass a list, a "
+                             "DataLoader without shuffling or random augmentation, or use mode='exact'")
+        if self.first_losses is None:
+            self.first_losses = losses
         self.n_batches = n
         return n
 
-    def _check_same_data(self, losses: list[float]) -> None:
-        if self.first_losses is None:
-            self.first_losses = losses
-            return
+    def _same_data(self, losses: list[float]) -> bool:
+        """Whether this pass saw what the first did (judged by the per-batch losses; True on the first)."""
         ref = self.first_losses
-        same = len(ref) == len(losses) and all(abs(a - b) <= 1e-4 * max(1.0, abs(a)) for a, b in zip(ref, losses))
-        if not same:
-            raise ValueError("spectral_init: the passes over `batches` did not see the same data (losses "
-                             f"{ref[:3]}... then {losses[:3]}..., {len(ref)} vs {len(losses)} batches); the sketch "
-                             "needs the same batches in the same order every pass: pass a list, a DataLoader "
-                             "without shuffling or random augmentation, or use mode='exact'")
+        if ref is None:
+            return True
+        return len(ref) == len(losses) and all(abs(a - b) <= 1e-4 * max(1.0, abs(a)) for a, b in zip(ref, losses))
 
     def _check_finite(self) -> None:
         for n, s in self.states.items():

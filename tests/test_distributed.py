@@ -173,10 +173,34 @@ def run_layout_mismatch(rank, case):
     return "no error"
 
 
+class _ShufflingOnRank1:
+    """Re-iterable batches that come in another order on each pass, on rank 1 only."""
+
+    def __init__(self, batches, rank):
+        self.batches, self.rank, self.passes = batches, rank, 0
+
+    def __iter__(self):
+        self.passes += 1
+        order = self.batches[::-1] if self.rank == 1 and self.passes % 2 == 0 else self.batches
+        return iter(order)
+
+
+def run_data_differs_on_one_rank(rank, _):
+    """The sketch's passes see other data on rank 1 only: every rank must raise, not only rank 1 (the others
+    would wait in the next pass's all-reduce)."""
+    model = make_model(zero_b=True)
+    batches = _ShufflingOnRank1([rank_share(b, rank) for b in global_batches(3)], rank)
+    try:
+        lk.spectral_init(model, batches, loss_fn, mode="sketch", progress=False)
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
 SCENARIOS = [(run_ddp, "padamw"), (run_ddp, "adamw"), (run_fsdp2, "adamw"), (run_fsdp2, "padamw"),
              (run_fsdp2_replicated_adapters, "padamw"), (run_spectral_init_ddp, ""),
              (run_layout_mismatch, "no_layers"), (run_layout_mismatch, "merged"),
-             (run_layout_mismatch, "capture_gradients")]
+             (run_layout_mismatch, "capture_gradients"), (run_data_differs_on_one_rank, "")]
 
 
 def _key(fn, arg):
@@ -270,3 +294,9 @@ def test_ranks_disagreeing_on_the_lora_layout_fail_on_every_rank(ranks, case):
     messages = value(ranks, run_layout_mismatch, case)
     for rank, msg in enumerate(messages):
         assert "ranks disagree" in msg and "first difference" in msg, (rank, msg)
+
+
+def test_data_differing_on_one_rank_fails_on_every_rank(ranks):
+    messages = value(ranks, run_data_differs_on_one_rank, "")
+    for rank, msg in enumerate(messages):
+        assert "did not see the same data on 1 rank(s)" in msg, (rank, msg)
