@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
+from _report import print_table, save_json  # benchmarks/ is the script folder, on sys.path
 import statistics
 import sys
 import time
@@ -210,16 +210,10 @@ def main(argv=None) -> dict:
     print(f"LLaMA {size['layers']}x{size['hidden']} (intermediate {size['intermediate']}, vocab {size['vocab']}), "
           f"{args.dtype} base, LoRA r={size['r']} alpha={size['alpha']:g}, batch {size['batch']}x{size['seq']}, "
           f"{device_name}")
-    print(f"{'variant':<16} {'step ms':>10} {'tokens/s':>10} {'x floor':>8} {'peak GiB':>9} {'first loss':>11}")
-    for row in results:
-        peak = "" if row["peak_mem_gib"] is None else f"{row['peak_mem_gib']:.2f}"
-        print(f"{row['variant']:<16} {row['step_ms']:>10.2f} {row['tokens_per_s']:>10.0f} "
-              f"{row['x_floor'] or float('nan'):>8.2f} {peak:>9} {row['first_loss']:>11.4f}")
-    out = {"config": config, "results": results}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-    return out
+    print_table(results, [("variant", "variant", "", 16), ("step ms", "step_ms", ".2f", 10),
+                          ("tokens/s", "tokens_per_s", ".0f", 10), ("x floor", "x_floor", ".2f", 8),
+                          ("peak GiB", "peak_mem_gib", ".2f", 9), ("first loss", "first_loss", ".4f", 11)])
+    return save_json(args.json, {"config": config, "results": results})
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ Times are medians (CUDA events on GPU, perf_counter on CPU); ratios are to `froz
 from __future__ import annotations
 
 import argparse
-import json
+from _report import save_json  # benchmarks/ is the script folder, on sys.path
 import os
 import statistics
 import sys
@@ -209,10 +209,8 @@ def main(argv=None):
                 print(f"{shape:>18} {r:>4} {name:>9} {row['fwd_ms']:9.3f} {row['fwd_ratio']:8.2f} "
                       f"{row['fwd_bwd_ms']:11.3f} {row['fwd_bwd_ratio']:8.2f}{extra}")
                 results.append({"shape": shape, "r": r, "variant": name, **row})
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"device": str(device), "dtype": a.dtype, "adapter_dtype": a.adapter_dtype,
-                       "torch": torch.__version__, "results": results}, f, indent=1)
+    save_json(a.json, {"device": str(device), "dtype": a.dtype, "adapter_dtype": a.adapter_dtype,
+                       "torch": torch.__version__, "results": results})
     return results
 
 

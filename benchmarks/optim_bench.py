@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
+from _report import print_table, save_json  # benchmarks/ is the script folder, on sys.path
 import statistics
 import sys
 import time
@@ -235,16 +235,10 @@ def main(argv=None) -> dict:
                   warmup=args.warmup, iters=args.iters, torch=torch.__version__)
     print(f"{len(pairs)} pairs, {n_params / 1e6:.2f}M adapter params, r={args.r}, {args.dtype}, "
           f"order={args.order}, {device_name}")
-    print(f"{'variant':<10} {'step ms':>10} {'x adamw':>9} {'eager/x':>9} {'err vs eager':>13}")
-    for row in results:
-        err = row.get("max_rel_err_vs_eager")
-        print(f"{row['variant']:<10} {row['step_ms']:>10.3f} {row['ratio_vs_adamw'] or float('nan'):>9.2f} "
-              f"{row['speedup_vs_eager'] or float('nan'):>9.2f} {'' if err is None else f'{err:.1e}':>13}")
-    out = {"config": config, "results": results}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-    return out
+    print_table(results, [("variant", "variant", "", 10), ("step ms", "step_ms", ".3f", 10),
+                          ("x adamw", "ratio_vs_adamw", ".2f", 9), ("eager/x", "speedup_vs_eager", ".2f", 9),
+                          ("err vs eager", "max_rel_err_vs_eager", ".1e", 13)])
+    return save_json(args.json, {"config": config, "results": results})
 
 
 if __name__ == "__main__":

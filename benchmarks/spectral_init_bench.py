@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
+from _report import print_table, save_json  # benchmarks/ is the script folder, on sys.path
 import os
 import time
 
@@ -149,15 +149,11 @@ def main(argv=None):
     print(f"device={device} dtype={dtype} params={n_params / 1e9:.3f}B layers={len(errs_ours)} "
           f"batch={a.micro}x{a.seq} r={a.r} sketch(oversample={a.oversample}, n_iter={a.n_iter}) "
           f"reference svd_lowrank(q={a.ref_q}, niter={a.ref_niter})")
-    print(f"{'':>10} {'total s':>9} {'host GiB':>9} {'peak+ GiB':>10} {'max err':>9} {'median err':>11}")
-    for name, st in (("reference", ref_stats), ("lorakern", ours)):
-        print(f"{name:>10} {st['total_s']:9.3f} {st['host_gib']:9.3f} {st['peak_extra_gib']:10.3f} "
-              f"{st['max_rel_err']:9.2e} {st['median_rel_err']:11.2e}")
-    result = {"device": str(device), "args": vars(a), "reference": ref_stats, "lorakern": ours}
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=1)
-    return result
+    print_table([{"name": "reference", **ref_stats}, {"name": "lorakern", **ours}],
+                [("", "name", "", 10), ("total s", "total_s", ".3f", 9), ("host GiB", "host_gib", ".3f", 9),
+                 ("peak+ GiB", "peak_extra_gib", ".3f", 10), ("max err", "max_rel_err", ".2e", 9),
+                 ("median err", "median_rel_err", ".2e", 11)])
+    return save_json(a.json, {"device": str(device), "args": vars(a), "reference": ref_stats, "lorakern": ours})
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
@@ -84,3 +85,11 @@ def run_cli(main, doc: str) -> None:
     parser.add_argument("--out", default=None, help="folder for the PNG (default examples/papers/out)")
     args = parser.parse_args()
     main(quick=args.quick, out=args.out)
+
+
+def finish(res: dict, plot_path, start: float, name: str) -> dict:
+    """The end of every script's main: the figure's path and the wall time go into the results, printed."""
+    res["plot"] = plot_path
+    res["seconds"] = time.perf_counter() - start
+    print(f"\n{name}: {res['seconds']:.1f} s")
+    return res

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lorakern as lk  # noqa: E402
 from lorakern import theory  # noqa: E402
-from _common import print_table, pyplot, save_figure, run_cli  # noqa: E402
+from _common import finish, print_table, pyplot, save_figure, run_cli  # noqa: E402
 
 F64 = torch.float64
 
@@ -215,10 +215,7 @@ def main(quick: bool = False, out=None) -> dict:
     print("bounds hold at every T: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in b2["holds"].items()))
 
     res = {"b1": b1, "b2": b2, "too_large": bad, "main": main_name, "L": prob["L"]}
-    res["plot"] = plot(res, out)
-    res["seconds"] = time.perf_counter() - start
-    print(f"\nlora_gd_convergence_rate: {res['seconds']:.1f} s")
-    return res
+    return finish(res, plot(res, out), start, "lora_gd_convergence_rate")
 
 
 if __name__ == "__main__":

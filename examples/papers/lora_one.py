@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lorakern as lk  # noqa: E402
-from _common import print_table, pyplot, save_figure, torch_threads, run_cli  # noqa: E402
+from _common import finish, print_table, pyplot, save_figure, torch_threads, run_cli  # noqa: E402
 import _lora_one_linear as lin  # noqa: E402
 
 F64 = torch.float64
@@ -336,10 +336,7 @@ def main(quick: bool = False, out=None) -> dict:
                 [[row["kappa"], f"{row['e0']:.3f}", row["gd"] if row["gd"] is not None else f"> {kap['max_gd']}",
                   row["prec"], row["prec_over"]] for row in kap["rows"]])
     res = {"fig2": f2, "fig3": f3, "fig4": f4, "fig4_every": 10, "fig4_scan": scan, "kappa": kap}
-    res["plot"] = plot(res, out)
-    res["seconds"] = time.perf_counter() - start
-    print(f"\n{res['seconds']:.1f} s")
-    return res
+    return finish(res, plot(res, out), start, "lora_one")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lorakern as lk  # noqa: E402
-from _common import print_table, pyplot, save_figure, torch_threads, run_cli  # noqa: E402
+from _common import finish, print_table, pyplot, save_figure, torch_threads, run_cli  # noqa: E402
 
 METHODS = ("Full FT", "LoRA", "LoRA-One", "LoRA-One-P", "NoRA")
 RANK, ALPHA, S = 4, 16.0, 16.0
@@ -167,10 +167,7 @@ def main(quick: bool = False, out=None) -> dict:
                     ["method", "trainable params", "loss at init", f"loss at step {steps // 4}",
                      "final loss [min, max]", "test accuracy"], rows)
     res["main_lr"] = main_lr
-    res["plot"] = plot(res, main_lr, out)
-    res["seconds"] = time.perf_counter() - start
-    print(f"\n{res['seconds']:.1f} s")
-    return res
+    return finish(res, plot(res, main_lr, out), start, "lora_one_digits")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lorakern as lk  # noqa: E402
-from _common import print_table, pyplot, save_figure, torch_threads, run_cli  # noqa: E402
+from _common import finish, print_table, pyplot, save_figure, torch_threads, run_cli  # noqa: E402
 
 F64 = torch.float64
 EP_SPECTRUM = [1.0 - 0.01 * i for i in range(19)] + [0.01]        # {1.0, 0.99, ..., 0.82, 0.01}, App. 10.1
@@ -299,10 +299,7 @@ def main(quick: bool = False, out=None) -> dict:
                 [[row["eta"], row["xi"], f"{row['cond']:.2e}"] + [f"{row['errs'][t]:.2e}" for t in (0, 1, 2, 3, 8)]
                  for row in asym])
     res = {"fig1a": f1a, "fig1b": f1b, "fig1c": f1c, "asym": asym, "tol": tol, "m": m}
-    res["plot"] = plot(res, out)
-    res["seconds"] = time.perf_counter() - start
-    print(f"\n{res['seconds']:.1f} s")
-    return res
+    return finish(res, plot(res, out), start, "nystrom_nora")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lorakern as lk  # noqa: E402
 from lorakern import theory  # noqa: E402
-from _common import print_table, pyplot, save_figure, run_cli  # noqa: E402
+from _common import finish, print_table, pyplot, save_figure, run_cli  # noqa: E402
 
 F64 = torch.float64
 
@@ -375,10 +375,7 @@ def main(quick: bool = False, out=None) -> dict:
                 ["scheme", "paper"] + [f"alpha={a:g}" for a in alphas] + ["err(alpha)/err(alpha/2)"], a4["rows"])
 
     res = {"a1": a1, "a2": a2, "a2b": a2b, "a3": a3, "a4": a4}
-    res["plot"] = plot(res, out)
-    res["seconds"] = time.perf_counter() - start
-    print(f"\nrank_accuracy_gradient_flow: {res['seconds']:.1f} s")
-    return res
+    return finish(res, plot(res, out), start, "rank_accuracy_gradient_flow")
 
 
 if __name__ == "__main__":
