@@ -1,7 +1,7 @@
-"""Compile the LoRA Triton kernels for an H100 (sm_90a) without a GPU: compile errors, shared memory, wgmma,
+"""Compile the Triton kernels (LoRA layer and optimizer) for an H100 (sm_90a) without a GPU: compile errors, shared memory, wgmma,
 registers and spills for every autotune config -- what a session without a lent GPU can still check.
 
-    python benchmarks/compile_sm90.py            # all configs of lorakern/ops/lora_linear_triton.py
+    python benchmarks/compile_sm90.py            # all configs of lora_linear_triton.py and precond_triton.py
     python benchmarks/compile_sm90.py --quick    # one config per kernel and mode (what the test runs)
 
 Each line: kernel, mode, dtypes, tile, then shared bytes (the autotuner skips configs over 232448),
@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from itertools import chain
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile real kernels, not the interpreter's
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset; 1 is its default
@@ -26,6 +27,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lorakern.ops import lora_linear_triton as kt  # noqa: E402
+from lorakern.optim import precond_triton as pt  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 SMEM_LIMIT = 232448  # bytes of shared memory per block on an H100
@@ -113,12 +115,32 @@ def jobs(quick: bool):
                     "stride_dbn"])
 
 
+def optimizer_jobs(quick: bool):
+    """The fused optimizer's Gram and update kernels at the launch parameters TritonEngine uses, per rank."""
+    import triton.language as tl
+    ranks = (16, 64) if quick else (8, 16, 32, 64, 128)
+    for r in ranks:
+        for name, dt in (("bf16", tl.bfloat16), ("fp32", tl.float32)):
+            for kind in ("A", "B"):
+                const = dict(R=r, R_PAD=pt.padded_rank(r), BLOCK_L=pt.gram_block_rows(r), IS_A=kind == "A",
+                             DTYPE=dt)
+                yield (f"gram   {kind} r={r:<3} {name}", pt._gram_kernel, {"table_ptr": "*i64", "out_ptr": "*fp64"},
+                       const, pt.gram_num_warps(r), 3, (), ["table_ptr", "out_ptr"])
+                types = {"tile_ptr": "*i64", "table_ptr": "*i64", "precond_ptr": "*fp64",
+                         **{n: "fp32" for n in ("lr", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "lr_wd",
+                                                "step_size", "bc2_sqrt")}}
+                const = dict(R=r, R_PAD=pt.padded_rank(r), BLOCK_L=pt.block_rows(r), IS_A=kind == "A", ADAM=True,
+                             PER_FACTOR=False, DTYPE=dt, ROUND_BF16=False)
+                yield (f"update {kind} r={r:<3} {name}", pt._update_kernel, types, const, pt.num_warps(r), 3, (),
+                       ["tile_ptr", "table_ptr", "precond_ptr"])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     a = p.parse_args(argv)
     failures = 0
-    for label, fn, types, const, w, st, ones, div in jobs(a.quick):
+    for label, fn, types, const, w, st, ones, div in chain(jobs(a.quick), optimizer_jobs(a.quick)):
         try:
             r = compile_one(fn, types, const, w, st, ones, div)
         except Exception as exc:  # noqa: BLE001 - report every config, fail at the end
