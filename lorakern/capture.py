@@ -8,8 +8,10 @@ are restored afterwards. Under torch.distributed the accumulators are summed acr
 """
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import itertools
+import math
 import warnings
 from collections.abc import Callable, Iterable
 
@@ -20,26 +22,43 @@ from lorakern import _backend
 from lorakern.layer import LoRALinear
 
 
+def no_autocast(device: torch.device):
+    """The capture's products and the linear algebra after it run in the accumulators' dtype even when the
+    caller wrapped spectral_init in torch.autocast (its matmuls would otherwise come back in bf16)."""
+    return torch.autocast(device.type, enabled=False)
+
+
 def accumulate(acc: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, probe_in=None, probe_out=None) -> None:
     """acc += dy^T x, dy^T (x probe_in) or (dy probe_out)^T x, computed in acc's dtype."""
-    if _backend._C is not None and _backend.get_backend() != "torch":
-        torch.ops.lorakern.capture_accumulate_(acc, x, dy, probe_in, probe_out)
-        return
-    x, dy = x.to(acc.dtype), dy.to(acc.dtype)
-    if probe_in is not None:
-        acc.addmm_(dy.t(), x @ probe_in)
-    elif probe_out is not None:
-        acc.addmm_((dy @ probe_out).t(), x)
-    else:
-        acc.addmm_(dy.t(), x)
+    with no_autocast(acc.device):
+        if _backend._C is not None and _backend.get_backend() != "torch":
+            torch.ops.lorakern.capture_accumulate_(acc, x, dy, probe_in, probe_out)
+            return
+        x, dy = x.to(acc.dtype), dy.to(acc.dtype)
+        if probe_in is not None:
+            acc.addmm_(dy.t(), x @ probe_in)
+        elif probe_out is not None:
+            acc.addmm_((dy @ probe_out).t(), x)
+        else:
+            acc.addmm_(dy.t(), x)
+
+
+class _Switch:
+    """On only while the capture's own loss.backward() runs: a backward that loss_fn runs itself (input
+    gradients, an adversarial step) must not add to G."""
+    __slots__ = ("on",)
+
+    def __init__(self):
+        self.on = False
 
 
 class _LayerState:
-    __slots__ = ("acc", "probe_in", "probe_out", "hits")
+    __slots__ = ("acc", "probe_in", "probe_out", "hits", "switch")
 
-    def __init__(self):
+    def __init__(self, switch: _Switch):
         self.acc = self.probe_in = self.probe_out = None
         self.hits = 0
+        self.switch = switch
 
 
 class _Tap(torch.autograd.Function):
@@ -60,16 +79,20 @@ class _Tap(torch.autograd.Function):
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
         st = ctx.state
-        if st.acc is not None:
+        if st.acc is not None and st.switch.on:
             accumulate(st.acc, x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]), st.probe_in, st.probe_out)
             st.hits += 1
         return dy, None, None
 
 
+ONE_SHOT = "pass a list or a DataLoader"
+
+
 def check_reiterable(batches, passes: int) -> None:
-    if passes > 1 and iter(batches) is batches:
-        raise ValueError(f"batches is a one-shot iterator but {passes} passes over it are needed; "
-                         f"pass a list or a DataLoader")
+    # isinstance, not iter(batches) is batches: iter() on a DataLoader draws a seed from the caller's RNG
+    # (and starts its workers)
+    if passes > 1 and isinstance(batches, collections.abc.Iterator):
+        raise ValueError(f"batches is a one-shot iterator but {passes} passes over it are needed; {ONE_SHOT}")
 
 
 def distributed_world() -> int:
@@ -115,7 +138,8 @@ class GradientCapture:
                  loss_fn: Callable, seed: int = 0, progress=None):
         self.model, self.layers, self.batches, self.loss_fn = model, layers, batches, loss_fn
         self.seed, self.progress = seed, progress
-        self.states = {n: _LayerState() for n in layers}
+        self.switch = _Switch()
+        self.states = {n: _LayerState(self.switch) for n in layers}
         self.n_batches = 0
         self.first_losses: list[float] | None = None
         self.device = next(iter(layers.values())).weight.device
@@ -146,7 +170,9 @@ class GradientCapture:
         grads = [p.grad for p in params]
         buffers = [(b, b.clone()) for b in self.model.buffers()]
         cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-        handles = [m.register_forward_hook(self._hook(n), with_kwargs=True) for n, m in self.layers.items()]
+        # prepend: the tap must see the layer's own output, before any user hook changes it
+        handles = [m.register_forward_hook(self._hook(n), with_kwargs=True, prepend=True)
+                   for n, m in self.layers.items()]
         try:
             with torch.random.fork_rng(devices=cuda), torch.enable_grad():
                 for p in params:
@@ -165,6 +191,22 @@ class GradientCapture:
                 for b, saved in buffers:
                     b.copy_(saved)
 
+    def _leaves_outside_model(self, loss: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(leaf, a copy of its .grad) for every leaf of loss's graph that is not a parameter of the model."""
+        own = {id(p) for p in self.model.parameters()}
+        out, seen = [], set()
+        todo = [loss.grad_fn] if loss.grad_fn is not None else []
+        while todo:
+            node = todo.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            leaf = getattr(node, "variable", None)  # AccumulateGrad
+            if leaf is not None and id(leaf) not in own:
+                out.append((leaf, None if leaf.grad is None else leaf.grad.clone()))
+            todo.extend(fn for fn, _ in node.next_functions)
+        return out
+
     def _all_reduce(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)  # NCCL needs device tensors
         dist.all_reduce(t)
@@ -182,7 +224,17 @@ class GradientCapture:
                 loss = self.loss_fn(self.model, batch)
                 if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
                     raise TypeError(f"loss_fn must return a scalar tensor, got {getattr(loss, 'shape', loss)!r}")
-                loss.backward()
+                # tensors outside the model that the loss reaches (a head kept elsewhere, an input with
+                # requires_grad) get their .grad back after the backward; backward(inputs=model params) would
+                # do it too but skips reentrant checkpoints, whose parameters its graph cannot see
+                outside = self._leaves_outside_model(loss)
+                self.switch.on = True
+                try:
+                    loss.backward()
+                finally:
+                    self.switch.on = False
+                    for leaf, grad in outside:
+                        leaf.grad = grad
                 for p in self.model.parameters():  # adapter grads are a by-product: drop them as we go
                     p.grad = None
                 losses.append(loss.detach())
@@ -199,6 +251,9 @@ class GradientCapture:
             for s in self.states.values():
                 if s.acc is not None:
                     dist.all_reduce(s.acc)
+        if n == 0 and self.first_losses:
+            raise ValueError(f"batches gave no batch on a second pass after {len(self.first_losses)} on the first: "
+                             f"it can be iterated only once, but the sketch needs several passes; {ONE_SHOT}")
         if n == 0:
             raise ValueError("batches is empty: the gradient capture needs at least one batch")
         self._check_finite()  # fail on the first pass that sees NaN/Inf, naming the layer
@@ -219,7 +274,8 @@ class GradientCapture:
         ref = self.first_losses
         if ref is None:
             return True
-        return len(ref) == len(losses) and all(abs(a - b) <= 1e-4 * max(1.0, abs(a)) for a, b in zip(ref, losses))
+        return len(ref) == len(losses) and all(abs(a - b) <= 1e-4 * max(1.0, abs(a)) or a == b
+                                               or (math.isnan(a) and math.isnan(b)) for a, b in zip(ref, losses))
 
     def _check_finite(self) -> None:
         for n, s in self.states.items():

@@ -128,6 +128,8 @@ def lora_one_from_svd(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, r: int
     if not s > 0:
         raise ValueError(f"s must be > 0, got {s}")
     gamma = 1.0 / s if gamma is None else float(gamma)
+    if not gamma > 0:  # gamma <= 0 would give A = B = 0: an adapter that never trains
+        raise ValueError(f"gamma must be > 0, got {gamma}")
     Sr = S[:r]
     if normalize:
         top = S[0]

@@ -169,7 +169,7 @@ def _layers(model: nn.Module) -> Iterable[LoRALinear]:
     return layers.values()
 
 
-def _tied_elsewhere(model: nn.Module) -> list[str]:
+def tied_elsewhere(model: nn.Module) -> list[str]:
     """LoRA layers whose base weight is also a parameter of another module (e.g. a tied lm_head)."""
     owners: dict[int, set[int]] = {}
     names: dict[int, str] = {}
@@ -193,7 +193,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     done = [n for n, m in lora_modules(model).items() if m.merged]
     if done:
         raise ValueError(f"merge_lora: layers already merged: {done[:5]}")
-    tied = _tied_elsewhere(model)
+    tied = tied_elsewhere(model)
     if tied:
         raise ValueError(f"merge_lora: these layers' weights are tied to other modules, which merging would "
                          f"change as well: {tied[:5]}")
@@ -215,7 +215,7 @@ def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     if isinstance(model, LoRALinear):
         raise ValueError("remove_lora: the model is itself a LoRALinear; use model.to_linear()")
     if merge:
-        tied = _tied_elsewhere(model)
+        tied = tied_elsewhere(model)
         if tied:
             raise ValueError(f"remove_lora(merge=True): weights tied to other modules: {tied[:5]}")
     aliases = _aliases(model)

@@ -19,9 +19,10 @@ from collections.abc import Callable, Iterable
 import torch
 
 from lorakern import init as lora_init
-from lorakern.capture import GradientCapture, accumulator_dtype, check_reiterable, check_same_layout_across_ranks
+from lorakern.capture import (GradientCapture, accumulator_dtype, check_reiterable, check_same_layout_across_ranks,
+                              no_autocast)
 from lorakern.linalg import orthonormalize, svd_from_projection
-from lorakern.model import lora_modules
+from lorakern.model import lora_modules, tied_elsewhere
 
 METHODS = ("lora-one", "lora-ga")
 MODES = ("exact", "sketch")
@@ -68,18 +69,21 @@ def _svd_of_capture(cap: GradientCapture, layers, need: dict[str, int], mode: st
             st.probe_out = None
         cap.run_pass(f"sketch G·Ω ({it + 1}/{n_iter + 1})")
         for n, st in cap.states.items():
-            Q[n] = orthonormalize(st.acc)
+            with no_autocast(st.acc.device):
+                Q[n] = orthonormalize(st.acc)
             st.acc = torch.zeros(qs[n], layers[n].in_features, dtype=Q[n].dtype, device=Q[n].device)
             st.probe_in, st.probe_out = None, Q[n]
         nb = cap.run_pass(f"sketch Qᵀ·G ({it + 1}/{n_iter + 1})")
         if it < n_iter:
             for n, st in cap.states.items():
-                st.probe_in, st.probe_out = orthonormalize(st.acc.mT), None
+                with no_autocast(st.acc.device):
+                    st.probe_in, st.probe_out = orthonormalize(st.acc.mT), None
     missing = cap.check_results()
     out = {}
     for n, st in cap.states.items():
         if n not in missing:
-            out[n] = svd_from_projection(Q[n], st.acc / nb, need[n])
+            with no_autocast(st.acc.device):
+                out[n] = svd_from_projection(Q[n], st.acc / nb, need[n])
         st.acc = st.probe_in = st.probe_out = None
     return out
 
@@ -104,6 +108,10 @@ def spectral_init(model: torch.nn.Module, batches: Iterable, loss_fn: Callable, 
             raise ValueError(f"{name} must be an int >= 0, got {v!r}")
     if not callable(loss_fn):
         raise TypeError("loss_fn must be callable as loss_fn(model, batch) -> scalar loss")
+    # the numbers that only the init uses, checked before the passes run
+    for name, v in (("s", s), ("c", c)) + ((("gamma", gamma),) if gamma is not None else ()):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise ValueError(f"{name} must be a number > 0, got {v!r}")
     layers = lora_modules(model)
     # Before any check that could fail on one rank only (no layers, merged layers): all ranks raise together.
     check_same_layout_across_ranks(layers)
@@ -112,6 +120,12 @@ def spectral_init(model: torch.nn.Module, batches: Iterable, loss_fn: Callable, 
     merged = [n for n, m in layers.items() if m.merged]
     if merged:
         raise ValueError(f"spectral_init: unmerge the layers first: {merged[:5]}")
+    if method == "lora-ga":
+        tied = tied_elsewhere(model)
+        if tied:
+            raise ValueError(f"spectral_init: lora-ga subtracts its offset from the base weight, but these layers' "
+                             f"weights are tied to other modules, which would change too: {tied[:5]}; leave them "
+                             f"out of apply_lora (exclude=...) or use method='lora-one'")
     k = 2 if method == "lora-ga" else 1
     need = {}
     for n, m in layers.items():
@@ -128,16 +142,26 @@ def spectral_init(model: torch.nn.Module, batches: Iterable, loss_fn: Callable, 
     with torch.no_grad():
         for n, (U, S, Vh) in svds.items():
             m = layers[n]
-            # svds holds G = U S Vh; the methods use -G = (-U) S Vh.
-            if method == "lora-one":
-                A, B = lora_init.lora_one_from_svd(-U, S, Vh, m.r, s=s, normalize=normalize, gamma=gamma)
-            else:
-                A, B, off = lora_init.lora_ga_from_svd(-U, Vh, m.r, c=c, scaling=m.scaling)
-                # W <- W + (old adapter product) - (new one): the output is unchanged even when the adapters
-                # were not zero (PiSSA, a loaded adapter, a second call)
-                work = torch.promote_types(m.weight.dtype, torch.float32)
-                m.weight.copy_(m.weight.to(work) + m.delta_weight().to(work) - off.to(work))
-            m.lora_A.copy_(A)
-            m.lora_B.copy_(B)
+            with no_autocast(m.weight.device):
+                _write_init(m, method, U, S, Vh, s, normalize, gamma, c)
             spectra[n] = S.detach().cpu()
     return spectra
+
+
+def _write_init(m, method: str, U, S, Vh, s, normalize, gamma, c) -> None:
+    # svds holds G = U S Vh; the methods use -G = (-U) S Vh.
+    if method == "lora-one":
+        A, B = lora_init.lora_one_from_svd(-U, S, Vh, m.r, s=s, normalize=normalize, gamma=gamma)
+        m.lora_A.copy_(A)
+        m.lora_B.copy_(B)
+        return
+    A, B, _ = lora_init.lora_ga_from_svd(-U, Vh, m.r, c=c, scaling=m.scaling)
+    # W <- W + (old adapter product) - (new one), both from the factors as stored (rounded to the adapter
+    # dtype) and formed in the wider of the two dtypes: the output is unchanged even when the adapters were
+    # not zero (PiSSA, a loaded adapter, a second call) and bf16 adapters leave no bf16 error in an fp32 base.
+    work = torch.promote_types(torch.promote_types(m.weight.dtype, m.lora_A.dtype), torch.float32)
+    old = m.lora_B.to(work) @ m.lora_A.to(work)
+    m.lora_A.copy_(A)
+    m.lora_B.copy_(B)
+    new = m.lora_B.to(work) @ m.lora_A.to(work)
+    m.weight.copy_(m.weight.to(work) + m.scaling * (old - new))
