@@ -97,11 +97,13 @@ class LoRALinear(nn.Linear):
             return
         if self.merged:
             raise ValueError("reset_lora_parameters: the layer is merged; unmerge() it first")
-        if fn is lora_init.pissa:
+        pissa = fn is lora_init.pissa
+        if pissa:
             kw.setdefault("scaling", self.scaling)
         # The init sees the weight in the adapter dtype (a no-op when they agree), so fp32 adapters on a
-        # bf16 base are computed and kept in fp32.
-        out = fn(self.weight.detach().to(self.lora_A.dtype), self.r, **kw)
+        # bf16 base are computed and kept in fp32; PiSSA sees it in the wider of the two (it writes the base).
+        work = torch.promote_types(self.weight.dtype, self.lora_A.dtype) if pissa else self.lora_A.dtype
+        out = fn(self.weight.detach().to(work), self.r, **kw)
         A, B = out[0], out[1]
         if A.shape != self.lora_A.shape or B.shape != self.lora_B.shape:
             raise ValueError(f"init returned A {tuple(A.shape)}, B {tuple(B.shape)}; expected "
@@ -109,8 +111,10 @@ class LoRALinear(nn.Linear):
         with torch.no_grad():
             self.lora_A.copy_(A)
             self.lora_B.copy_(B)
-            if fn is lora_init.pissa:
-                self.weight.copy_(out[2])
+            if pissa:  # the residual of the factors as stored (bf16 adapters on an fp32 base: no bf16 error in W)
+                wide = torch.promote_types(work, torch.float32)
+                stored = self.lora_B.to(wide) @ self.lora_A.to(wide)
+                self.weight.copy_(self.weight.to(wide) - self.scaling * stored)
 
     # -- forward ---------------------------------------------------------------------------------------
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # nn.Linear's argument name, so input= works

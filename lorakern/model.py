@@ -53,7 +53,11 @@ def _select_targets(model: nn.Module, target_modules, exclude) -> list[str]:
         raise ValueError("model has no submodules; wrap a single Linear with LoRALinear.from_linear instead")
     explicit = not isinstance(target_modules, str)
     if target_modules == "all-linear":
-        hits = [(n, m) for n, m in named if isinstance(m, nn.Linear)]
+        # as peft: not the output layer (a Hugging Face model's get_output_embeddings, often tied to the input
+        # embeddings), whatever its name (BERT's is cls.predictions.decoder, not lm_head)
+        get_out = getattr(model, "get_output_embeddings", None)
+        out_layer = get_out() if callable(get_out) else None
+        hits = [(n, m) for n, m in named if isinstance(m, nn.Linear) and m is not out_layer]
     elif not explicit:
         try:
             pattern = re.compile(target_modules)
@@ -138,6 +142,12 @@ def apply_lora(model: nn.Module, target_modules="all-linear", r: int = 8, alpha:
     for n in names:  # validate every rank before modifying anything
         m = model.get_submodule(n)
         lora_init.check_rank(r, m.in_features, m.out_features, name=f"r (for {n!r})")
+    if isinstance(init, str) and init == "pissa":
+        tied = tied_elsewhere(model, {n: model.get_submodule(n) for n in names})
+        if tied:
+            raise ValueError(f"apply_lora(init='pissa') replaces each base weight by its residual, but these "
+                             f"weights are tied to other modules, which would change too: {tied[:5]}; exclude "
+                             f"them (exclude=...)")
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     try:  # from_linear freezes each wrapped base: undo that if a later layer fails
@@ -169,8 +179,9 @@ def _layers(model: nn.Module) -> Iterable[LoRALinear]:
     return layers.values()
 
 
-def tied_elsewhere(model: nn.Module) -> list[str]:
-    """LoRA layers whose base weight is also a parameter of another module (e.g. a tied lm_head)."""
+def tied_elsewhere(model: nn.Module, layers: dict[str, nn.Module] | None = None) -> list[str]:
+    """Layers (default: the LoRA layers) whose weight is also a parameter of another module (e.g. a tied
+    lm_head): merging, PiSSA's residual or LoRA-GA's offset would change that module too."""
     owners: dict[int, set[int]] = {}
     names: dict[int, str] = {}
     for n, m in model.named_modules(remove_duplicate=False):
@@ -179,7 +190,7 @@ def tied_elsewhere(model: nn.Module) -> list[str]:
                 owners.setdefault(id(p), set()).add(id(m))
                 names.setdefault(id(m), n)
     out = []
-    for n, m in lora_modules(model).items():
+    for n, m in (lora_modules(model) if layers is None else layers).items():
         others = owners.get(id(m.weight), set()) - {id(m)}
         if others:
             out.append(f"{n} (tied to {sorted(names[o] for o in others)})")

@@ -221,6 +221,30 @@ def test_tied_weights_refuse_to_merge():
     assert not model.head.merged
 
 
+def test_pissa_refuses_tied_weights_and_leaves_the_model_unchanged():
+    """PiSSA writes the residual into the base weight: into a tied embedding too (review 2: BERT's
+    decoder changed the word embeddings by 53%)."""
+    model = Shared()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"pissa.*tied.*head.*emb"):
+        lk.apply_lora(model, r=2, exclude=(), init="pissa")
+    assert not lk.lora_modules(model) and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert lk.apply_lora(model, r=2, exclude=("head",), init="pissa") == ["a"]
+
+
+class WithOutputEmbeddings(Shared):
+    """A Hugging Face-style model: get_output_embeddings names its output layer (not called lm_head)."""
+
+    def get_output_embeddings(self):
+        return self.head
+
+
+def test_all_linear_leaves_out_the_output_embeddings_as_peft_does():
+    model = WithOutputEmbeddings()
+    assert lk.apply_lora(model, r=2, exclude=()) == ["a"]
+    assert lk.apply_lora(WithOutputEmbeddings(), target_modules=["head"], r=2, exclude=()) == ["head"]  # explicit
+
+
 class Doubling(nn.Linear):
     def forward(self, x):
         return 2 * super().forward(x)
