@@ -16,17 +16,22 @@ import math
 import torch
 
 
-def check_rank(r: object, in_features: int, out_features: int, name: str = "r") -> int:
-    """Validate a LoRA rank: an int with 1 <= r <= min(in_features, out_features)."""
+def check_rank(r: object, in_features: int, out_features: int, name: str = "r", bounded: bool = True) -> int:
+    """Validate a LoRA rank: an int >= 1, and <= min(in_features, out_features) when `bounded` (what an init
+    from singular vectors needs). An adapter itself may be wider than its layer, as in peft (a Linear(h, 1)
+    head under "all-linear"; a PiSSA adapter converted for the original base has rank 2r)."""
     if isinstance(r, bool) or not isinstance(r, int):
         raise TypeError(f"{name} must be an int, got {type(r).__name__} {r!r}")
-    if not 1 <= r <= min(in_features, out_features):
+    if r < 1:
+        raise ValueError(f"{name}={r} must be >= 1")
+    if bounded and not r <= min(in_features, out_features):
         raise ValueError(f"{name}={r} must satisfy 1 <= {name} <= min(in_features, out_features) = "
                          f"min({in_features}, {out_features}) = {min(in_features, out_features)}")
     return r
 
 
-def _check_weight(weight: torch.Tensor, r: object, name: str = "weight") -> tuple[int, int, torch.dtype]:
+def _check_weight(weight: torch.Tensor, r: object, name: str = "weight",
+                  bounded: bool = False) -> tuple[int, int, torch.dtype]:
     """Validate a 2-D (out, in) float matrix and the rank; returns (out, in, work dtype)."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(f"{name} must be a 2-D (out_features, in_features) tensor, got "
@@ -34,7 +39,7 @@ def _check_weight(weight: torch.Tensor, r: object, name: str = "weight") -> tupl
     if not weight.is_floating_point():
         raise TypeError(f"{name} must be floating point, got {weight.dtype}")
     out_f, in_f = weight.shape
-    check_rank(r, in_f, out_f)
+    check_rank(r, in_f, out_f, bounded=bounded)
     work = torch.float64 if weight.dtype == torch.float64 else torch.float32
     return out_f, in_f, work
 
@@ -76,7 +81,7 @@ def pissa(weight: torch.Tensor, r: int, scaling: float = 1.0, n_iter: int | None
     n_iter=None uses the exact SVD; an int uses randomized_svd with that many power iterations (peft's
     "pissa_niter_k").
     """
-    out_f, in_f, work = _check_weight(weight, r)
+    out_f, in_f, work = _check_weight(weight, r, bounded=True)  # r singular directions
     scaling = float(scaling)
     if not scaling > 0:
         raise ValueError(f"scaling must be > 0, got {scaling}")
@@ -107,7 +112,7 @@ def nystrom(weight: torch.Tensor, r: int, xi: float | None = None, generator: to
 
 
 def _check_grad(grad: torch.Tensor, r: object, k: int = 1) -> torch.dtype:
-    out_f, in_f, work = _check_weight(grad, r, name="grad")
+    out_f, in_f, work = _check_weight(grad, r, name="grad", bounded=True)
     if k * r > min(out_f, in_f):
         raise ValueError(f"r={r}: this init needs {k}*r <= min(out_features, in_features) = {min(out_f, in_f)}")
     if not torch.isfinite(grad).all():

@@ -16,10 +16,11 @@ def _check_float(value: object, name: str, low: float, high: float | None = None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     value = float(value)
-    bad = not (value >= low) or (high is not None and (value >= high if high_open else value > high))
+    bad = (not math.isfinite(value) or not (value >= low)
+           or (high is not None and (value >= high if high_open else value > high)))
     if bad:
         upper = "" if high is None else (f" and < {high}" if high_open else f" and <= {high}")
-        raise ValueError(f"{name} must be >= {low}{upper}, got {value}")
+        raise ValueError(f"{name} must be a finite number >= {low}{upper}, got {value}")
     return value
 
 
@@ -30,6 +31,20 @@ def resolve_init(init) -> Callable:
     if isinstance(init, str) and init in lora_init.WEIGHT_INITS:
         return lora_init.WEIGHT_INITS[init]
     raise ValueError(f"init must be one of {sorted(lora_init.WEIGHT_INITS)} or a callable, got {init!r}")
+
+
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
+
+
+def _copy_hooks(src: nn.Module, dst: nn.Module) -> None:
+    """The module hooks of the Linear being wrapped carry over to its LoRALinear (peft keeps them on the
+    wrapped base_layer): a hook that scales or records the layer's output still sees it."""
+    for name in _HOOK_DICTS:
+        if hasattr(src, name) and getattr(src, name):
+            getattr(dst, name).update(getattr(src, name))
+    if getattr(src, "_is_full_backward_hook", None) is not None:
+        dst._is_full_backward_hook = src._is_full_backward_hook
 
 
 class LoRALinear(nn.Linear):
@@ -54,6 +69,9 @@ class LoRALinear(nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
         if isinstance(linear, LoRALinear):
             raise TypeError("linear is already a LoRALinear; merge or remove its adapter first")
+        if torch.nn.utils.parametrize.is_parametrized(linear):
+            raise TypeError("linear has a parametrized weight (e.g. weight_norm): its weight is computed, not a "
+                            "Parameter to share; remove the parametrization first")
         unknown = set(kw) - {"dropout", "rslora", "init", "adapter_dtype"}
         if unknown:
             raise TypeError(f"from_linear got unexpected keyword arguments {sorted(unknown)}")
@@ -65,11 +83,12 @@ class LoRALinear(nn.Linear):
         layer._setup_adapter(r, alpha, kw.get("dropout", 0.0), kw.get("rslora", False), kw.get("init", "lora"),
                              kw.get("adapter_dtype"))
         layer.train(linear.training)  # an eval-mode model stays in eval mode (no dropout at inference)
+        _copy_hooks(linear, layer)
         return layer
 
     def _setup_adapter(self, r, alpha, dropout, rslora, init, adapter_dtype) -> None:
         resolve_init(init)  # validate everything before the base is frozen
-        self.r = lora_init.check_rank(r, self.in_features, self.out_features)
+        self.r = lora_init.check_rank(r, self.in_features, self.out_features, bounded=False)
         self.alpha = _check_float(alpha, "alpha", 0.0)
         self.dropout = _check_float(dropout, "dropout", 0.0, 1.0, high_open=True)
         self.rslora = bool(rslora)
@@ -84,7 +103,21 @@ class LoRALinear(nn.Linear):
         self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, device=dev, dtype=adt))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, self.r, device=dev, dtype=adt))
         self.merged = False
+        # Low-rank record of what an init subtracted from the base weight (PiSSA's principal part, LoRA-GA's
+        # offset): original weight = weight + scaling * base_offset_B @ base_offset_A. save_adapter uses it to
+        # write an adapter that applies to the original (pretrained) base; remove_lora(merge=False) to restore it.
+        self.register_buffer("base_offset_A", None, persistent=False)
+        self.register_buffer("base_offset_B", None, persistent=False)
         self.reset_lora_parameters(init)
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's reset of weight and bias, then the adapter's init (the one the layer was built with):
+        what meta-device initialization runs after to_empty() (FSDP, accelerate, torchtitan)."""
+        super().reset_parameters()
+        if hasattr(self, "lora_A"):  # nn.Linear.__init__ calls this before the adapter exists
+            self.merged = False
+            init, kw = self._init
+            self.reset_lora_parameters(init, **kw)
 
     def reset_lora_parameters(self, init: str | Callable = "lora", **kw) -> None:
         """(Re)initialize the adapter: a name from lorakern.init.WEIGHT_INITS or fn(weight, r, **kw) -> (A, B).
@@ -93,6 +126,7 @@ class LoRALinear(nn.Linear):
         output is unchanged; the other weight-only inits leave the weight alone.
         """
         fn = resolve_init(init)
+        self._init = (init, dict(kw))  # what reset_parameters() re-runs
         if self.weight.device.type == "meta":  # no values yet: call reset_lora_parameters after to_empty()
             return
         if self.merged:
@@ -115,6 +149,39 @@ class LoRALinear(nn.Linear):
                 wide = torch.promote_types(work, torch.float32)
                 stored = self.lora_B.to(wide) @ self.lora_A.to(wide)
                 self.weight.copy_(self.weight.to(wide) - self.scaling * stored)
+                self.record_base_offset(self.lora_A, self.lora_B)
+
+    @torch.no_grad()
+    def record_base_offset(self, A: torch.Tensor, B: torch.Tensor) -> None:
+        """Note that scaling * B @ A (A (k, in), B (out, k)) was subtracted from the base weight by an init;
+        offsets add up (factors concatenated). Zero factors are skipped."""
+        if not (A.any() and B.any()):
+            return
+        wide = torch.promote_types(torch.promote_types(A.dtype, self.weight.dtype), torch.float32)
+        A, B = A.detach().to(wide), B.detach().to(wide)
+        if self.base_offset_A is not None:
+            A = torch.cat([self.base_offset_A.to(wide), A], dim=0)
+            B = torch.cat([self.base_offset_B.to(wide), B], dim=1)
+        self.base_offset_A, self.base_offset_B = A.clone(), B.clone()
+
+    @torch.no_grad()
+    def restore_base(self) -> None:
+        """Add the recorded init offset back into the base weight (the original weight again) and forget it."""
+        if self.base_offset_A is None:
+            return
+        if self.merged:
+            raise ValueError("restore_base: the layer is merged; unmerge() it first")
+        wide = self.base_offset_A.dtype
+        offset = self.base_offset_B @ self.base_offset_A
+        self.weight.copy_(self.weight.to(wide) + self.scaling * offset)
+        self.base_offset_A = self.base_offset_B = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A merged layer's weight holds W + ΔW: a loaded weight or adapter would be unmerged wrongly later.
+        if self.merged and any(k.startswith(prefix) and "." not in k[len(prefix):] for k in state_dict):
+            raise ValueError(f"load_state_dict: the LoRALinear {prefix.rstrip('.') or '(root)'} is merged; unmerge() "
+                             f"it (or lorakern.unmerge_lora(model)) before loading a state dict into it")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- forward ---------------------------------------------------------------------------------------
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # nn.Linear's argument name, so input= works

@@ -5,9 +5,10 @@ import re
 from typing import Iterable
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from lorakern import init as lora_init
-from lorakern.layer import LoRALinear
+from lorakern.layer import LoRALinear, resolve_init
 
 
 def _matches_suffix(name: str, suffix: str) -> bool:
@@ -33,9 +34,15 @@ def _why_not_adaptable(model: nn.Module, name: str, m: nn.Module) -> str | None:
     if not isinstance(m, nn.Linear):
         return f"is a {type(m).__name__}, not a torch.nn.Linear"
     parent_name = name.rpartition(".")[0]
-    if isinstance(model.get_submodule(parent_name), nn.MultiheadAttention):
+    parent = model.get_submodule(parent_name)
+    if isinstance(parent, nn.MultiheadAttention):
         return ("is nn.MultiheadAttention's output projection, whose weight the attention reads directly "
                 "without calling its forward")
+    if isinstance(parent, nn.TransformerEncoderLayer):
+        return ("is in nn.TransformerEncoderLayer, whose inference fast path (eval mode) reads its weight "
+                "directly without calling its forward: the adapter would be ignored there")
+    if parametrize.is_parametrized(m):
+        return "has a parametrized weight (e.g. weight_norm); remove the parametrization first"
     if type(m).forward is not nn.Linear.forward:
         return f"is a {type(m).__name__} with its own forward, which LoRALinear would replace"
     return None
@@ -139,10 +146,11 @@ def apply_lora(model: nn.Module, target_modules="all-linear", r: int = 8, alpha:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     names = _select_targets(model, target_modules, exclude)
+    svd_init = resolve_init(init) is lora_init.pissa  # r singular directions: r <= min(in, out)
     for n in names:  # validate every rank before modifying anything
         m = model.get_submodule(n)
-        lora_init.check_rank(r, m.in_features, m.out_features, name=f"r (for {n!r})")
-    if isinstance(init, str) and init == "pissa":
+        lora_init.check_rank(r, m.in_features, m.out_features, name=f"r (for {n!r})", bounded=svd_init)
+    if svd_init:
         tied = tied_elsewhere(model, {n: model.get_submodule(n) for n in names})
         if tied:
             raise ValueError(f"apply_lora(init='pissa') replaces each base weight by its residual, but these "
@@ -222,7 +230,8 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 
 
 def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
-    """Replace every LoRALinear by a plain nn.Linear: merged weights (merge=True) or the original base."""
+    """Replace every LoRALinear by a plain nn.Linear: merged weights (merge=True) or the original base
+    (merge=False; with PiSSA / LoRA-GA inits the weight they modified is restored)."""
     if isinstance(model, LoRALinear):
         raise ValueError("remove_lora: the model is itself a LoRALinear; use model.to_linear()")
     if merge:
@@ -236,6 +245,7 @@ def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
         else:
             if m.merged:
                 m.unmerge()
+            m.restore_base()  # undo what PiSSA / LoRA-GA subtracted from the base weight
             lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
             lin.weight, lin.bias = m.weight, m.bias  # the original Parameters, no copy
             lin.train(m.training)

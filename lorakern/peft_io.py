@@ -26,11 +26,44 @@ _PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<which>lora_A|lora_B)(?:\.[^.]+)?\.weight$")
 
 
+def _adapters_to_save(m: LoRALinear, original_base: bool) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+    """(lora_A, lora_B, r, alpha) as written. A layer whose init changed its base weight (PiSSA, LoRA-GA)
+    adds its recorded offset, [A; A0] and [B, -B0] at rank r + k with alpha such that the scaling is kept,
+    so that the file applies to the original base weight (peft's conversion for PiSSA / OLoRA)."""
+    A, B = m.lora_A.detach(), m.lora_B.detach()
+    if not original_base or m.base_offset_A is None:
+        return A, B, m.r, m.alpha
+    A = torch.cat([A, m.base_offset_A.to(A.dtype)], dim=0)
+    B = torch.cat([B, -m.base_offset_B.to(B.dtype)], dim=1)
+    r = A.shape[0]
+    return A, B, r, m.scaling * (r ** 0.5 if m.rslora else r)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model under torch.compile's OptimizedModule and DDP/FSDP1 wrappers, whose prefixes (_orig_mod.,
+    module.) peft's names do not have."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or (
+            getattr(model, "module", None) if type(model).__name__ in ("DistributedDataParallel",
+                                                                     "FullyShardedDataParallel", "DataParallel")
+            else None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None,
-                 task_type: str | None = None) -> None:
-    """Write every LoRALinear adapter of `model` to directory `path` in peft's format."""
+                 task_type: str | None = None, original_base: bool = True) -> None:
+    """Write every LoRALinear adapter of `model` to directory `path` in peft's format.
+
+    original_base=True (default): layers initialized with PiSSA or LoRA-GA, which changed their base weight,
+    are written so that they apply to the original base weight (rank r + k, see _adapters_to_save): loading
+    the file onto the pretrained model, with lorakern or peft, gives this model. False writes the factors
+    as they are, for the modified base (which the caller must then save too).
+    """
     from safetensors.torch import save_file
 
+    model = _unwrap(model)
     layers = lora_modules(model)
     if not layers:
         raise ValueError("save_adapter: model has no LoRALinear layers")
@@ -41,8 +74,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
     if len(rslora) > 1:
         raise ValueError("save_adapter: peft stores one use_rslora flag, but the model mixes rslora and "
                          "standard scaling layers")
-    r = Counter(m.r for m in layers.values()).most_common(1)[0][0]
-    alpha = Counter(m.alpha for m in layers.values()).most_common(1)[0][0]
+    saved = {n: _adapters_to_save(m, original_base) for n, m in layers.items()}
+    r = Counter(v[2] for v in saved.values()).most_common(1)[0][0]
+    alpha = Counter(v[3] for v in saved.values()).most_common(1)[0][0]
     dropout = Counter(m.dropout for m in layers.values()).most_common(1)[0][0]
     if len({m.dropout for m in layers.values()}) > 1:
         warnings.warn(f"save_adapter: peft stores one lora_dropout; the layers' dropouts differ, saving {dropout}",
@@ -57,18 +91,23 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
         "lora_dropout": dropout,
         "use_rslora": rslora.pop(),
         "target_modules": sorted(layers),
-        "rank_pattern": {"^" + re.escape(n): m.r for n, m in layers.items() if m.r != r},
-        "alpha_pattern": {"^" + re.escape(n): _num(m.alpha) for n, m in layers.items() if m.alpha != alpha},
+        "rank_pattern": {"^" + re.escape(n): v[2] for n, v in saved.items() if v[2] != r},
+        "alpha_pattern": {"^" + re.escape(n): _num(v[3]) for n, v in saved.items() if v[3] != alpha},
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "modules_to_save": None,
         "use_dora": False,
     }
+    others = [n for n, p in model.named_parameters() if p.requires_grad and ".lora_A" not in n and ".lora_B" not in n
+              and not n.startswith(("lora_A", "lora_B"))]
+    if others:
+        warnings.warn(f"save_adapter: trainable parameters other than the adapters are not saved (peft's "
+                      f"modules_to_save is not supported): {others[:5]}", stacklevel=2)
     tensors = {}
-    for n, m in layers.items():
-        tensors[f"{_PREFIX}{n}.lora_A.weight"] = m.lora_A.detach().to("cpu").contiguous()
-        tensors[f"{_PREFIX}{n}.lora_B.weight"] = m.lora_B.detach().to("cpu").contiguous()
+    for n, (A, B, _, _) in saved.items():
+        tensors[f"{_PREFIX}{n}.lora_A.weight"] = A.to("cpu").contiguous()
+        tensors[f"{_PREFIX}{n}.lora_B.weight"] = B.to("cpu").contiguous()
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
@@ -171,11 +210,18 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_dtype: torch
     rslora = bool(config.get("use_rslora", False))
     dropout = float(config.get("lora_dropout", 0.0) or 0.0)
     new_layers = {}
-    for name, mod, A, B, r, alpha in plan:  # build new layers before touching the model
-        if not isinstance(mod, LoRALinear):
-            adt = adapter_dtype or torch.promote_types(A.dtype, mod.weight.dtype)
-            new_layers[name] = LoRALinear.from_linear(mod, r=r, alpha=alpha, dropout=dropout, rslora=rslora,
-                                                      adapter_dtype=adt)
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    try:  # build new layers before touching the model; from_linear freezes each base: undone on failure
+        for name, mod, A, B, r, alpha in plan:
+            if not isinstance(mod, LoRALinear):
+                adt = adapter_dtype or torch.promote_types(A.dtype, mod.weight.dtype)
+                new_layers[name] = LoRALinear.from_linear(mod, r=r, alpha=alpha, dropout=dropout, rslora=rslora,
+                                                          adapter_dtype=adt)
+    except (TypeError, ValueError) as exc:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+        raise type(exc)(f"load_adapter: module {name!r}: {exc}") from exc
     aliases = _aliases(model)
     for name, mod, A, B, r, alpha in plan:
         if name in new_layers:

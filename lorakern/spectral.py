@@ -160,8 +160,12 @@ def _write_init(m, method: str, U, S, Vh, s, normalize, gamma, c) -> None:
     # dtype) and formed in the wider of the two dtypes: the output is unchanged even when the adapters were
     # not zero (PiSSA, a loaded adapter, a second call) and bf16 adapters leave no bf16 error in an fp32 base.
     work = torch.promote_types(torch.promote_types(m.weight.dtype, m.lora_A.dtype), torch.float32)
-    old = m.lora_B.to(work) @ m.lora_A.to(work)
+    old_A, old_B = m.lora_A.to(work).clone(), m.lora_B.to(work).clone()
+    old = old_B @ old_A
     m.lora_A.copy_(A)
     m.lora_B.copy_(B)
     new = m.lora_B.to(work) @ m.lora_A.to(work)
     m.weight.copy_(m.weight.to(work) + m.scaling * (old - new))
+    # original = current + scaling * (new - old): recorded for save_adapter / remove_lora(merge=False)
+    m.record_base_offset(m.lora_A, m.lora_B)
+    m.record_base_offset(old_A, -old_B)

@@ -33,8 +33,12 @@ def test_init_validates_arguments():
         lk.init.lora(torch.randn(5), 2)
     with pytest.raises(TypeError, match="floating"):
         lk.init.lora(torch.ones(5, 5, dtype=torch.int64), 2)
-    with pytest.raises(ValueError, match="r=6"):
-        lk.init.lora(torch.randn(5, 8), 6)
+    with pytest.raises(ValueError, match="r=6 must satisfy"):  # r singular directions of a 5 x 8 matrix
+        lk.init.pissa(torch.randn(5, 8), 6)
+    with pytest.raises(ValueError, match="r=0"):
+        lk.init.lora(torch.randn(5, 8), 0)
+    A, B = lk.init.lora(torch.randn(5, 8), 6)  # an adapter wider than its layer, as in peft
+    assert A.shape == (6, 8) and B.shape == (5, 6)
 
 
 def test_callable_init_in_layer():

@@ -145,6 +145,12 @@ def test_empty_gradient_batch_fails_clearly(tmp_path):
     assert all(not m.lora_B.any() for m in lk.lora_modules(model).values())  # nothing was touched
 
 
+def test_gradient_batch_with_a_scalar_entry_is_not_empty():
+    from lorakern.integrations.transformers import gradient_batches
+    batch = {"input_ids": torch.zeros(2, SEQ, dtype=torch.long), "num_items_in_batch": torch.tensor(32)}
+    assert len(gradient_batches([batch], 1, torch.device("cpu"))) == 1
+
+
 def test_batch_without_labels_and_bad_options_fail_clearly(tmp_path):
     model = tiny_llama()
     with pytest.raises(ValueError, match="no loss.*labels"):

@@ -286,7 +286,8 @@ def test_autocast_runs_base_in_bf16_and_keeps_adapters():
 
 @pytest.mark.parametrize("kwargs, exc, match", [
     (dict(r=0), ValueError, "r=0"),
-    (dict(r=11), ValueError, r"min\(in_features, out_features\)"),
+    (dict(r=11, init="pissa"), ValueError, r"min\(in_features, out_features\)"),  # r singular directions
+    (dict(alpha=float("inf")), ValueError, "alpha must be a finite number"),
     (dict(r=2.5), TypeError, "r must be an int"),
     (dict(r=True), TypeError, "r must be an int"),
     (dict(dropout=1.0), ValueError, "dropout"),
@@ -351,3 +352,77 @@ def test_output_is_not_a_view(shape):
     x2 = x.detach().clone().requires_grad_(True)
     (2.0 * layer(x2)).sum().backward()
     assert torch.allclose(x.grad, x2.grad)
+
+
+def test_rank_above_the_layer_width_as_in_peft():
+    """peft adapts a Linear(h, 1) head at r = 8 under "all-linear"; so does lorakern (weight-only inits)."""
+    layer = randomize_adapter(lk.LoRALinear(12, 1, r=8))
+    x = torch.randn(5, 12, dtype=torch.float64)
+    ref = x @ layer.weight.double().T + layer.bias.double() + layer.scaling * (x @ layer.lora_A.double().T) @ layer.lora_B.double().T
+    assert layer.lora_A.shape == (8, 12) and rel_err(layer(x.float()), ref) < 1e-5
+
+
+def test_from_linear_keeps_the_linears_hooks():
+    lin = nn.Linear(6, 4)
+    seen = []
+    lin.register_forward_pre_hook(lambda mod, args: seen.append("pre"))
+    lin.register_forward_hook(lambda mod, args, out: 2 * out)
+    layer = lk.LoRALinear.from_linear(lin, r=2)
+    x = torch.randn(3, 6)
+    assert torch.allclose(layer(x), lin(x)) and seen == ["pre", "pre"]  # B = 0: the same output, doubled
+
+
+def test_meta_init_then_reset_parameters_initializes_the_adapter():
+    """FSDP / accelerate style: build on the meta device, to_empty(), then reset_parameters() per module."""
+    with torch.device("meta"):
+        model = nn.Sequential(lk.LoRALinear(16, 8, r=2), lk.LoRALinear(8, 4, r=2, init="gaussian"))
+    model.to_empty(device="cpu")
+    for m in model:
+        m.reset_parameters()
+    for m in model:
+        assert torch.equal(m.lora_B, torch.zeros_like(m.lora_B)) and 0.0 < m.lora_A.std() < 1.0
+
+
+def test_layers_of_transformer_encoder_layer_are_not_adapted():
+    """Its eval fast path reads linear1/linear2's weights directly: an adapter there would be ignored."""
+    enc = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), nn.Linear(8, 3))
+    assert lk.apply_lora(enc, r=2, exclude=()) == ["1"]  # (out_proj: MHA reads it directly too)
+    with pytest.raises(TypeError, match="fast path"):
+        lk.apply_lora(enc, target_modules=["linear1"], r=2)
+
+
+def test_parametrized_linear_is_refused_clearly():
+    lin = torch.nn.utils.parametrizations.weight_norm(nn.Linear(6, 4))
+    with pytest.raises(TypeError, match="parametrized"):
+        lk.LoRALinear.from_linear(lin, r=2)
+
+
+def test_torch_func_per_sample_gradients():
+    from torch.func import functional_call, grad, vmap
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    lk.apply_lora(model, r=2, exclude=())
+    for m in lk.lora_modules(model).values():
+        randomize_adapter(m)
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+    X, Y = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+
+    def loss(p, x, y):
+        return (functional_call(model, p, (x[None],)) - y[None]).square().sum()
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, X, Y)
+    for i in range(4):
+        model.zero_grad()
+        (model(X[i:i + 1]) - Y[i:i + 1]).square().sum().backward()
+        for k, v in model.named_parameters():
+            if v.requires_grad:
+                assert rel_err(per_sample[k][i], v.grad) < 1e-12, k
+
+
+def test_loading_a_state_dict_into_a_merged_layer_is_refused():
+    """The merged weight holds W + ΔW: a base loaded into it and then unmerged would lose ΔW's worth."""
+    model = nn.Sequential(randomize_adapter(lk.LoRALinear(6, 4, r=2)))
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    model[0].merge()
+    with pytest.raises(ValueError, match="merged; unmerge"):
+        model.load_state_dict(sd)
+    model[0].unmerge()
+    model.load_state_dict(sd)

@@ -97,8 +97,10 @@ def test_errors_leave_the_model_unchanged(model):
         lk.apply_lora(model, target_modules=r"blocks\.9\..*")
     with pytest.raises(TypeError, match="'embed' is a Embedding, not a torch.nn.Linear"):
         lk.apply_lora(model, target_modules=["embed", "q_proj"])
-    with pytest.raises(ValueError, match="min"):  # r=21 fits mlp (20->43) nowhere: in=20
-        lk.apply_lora(model, r=21)
+    with pytest.raises(ValueError, match=r"r \(for 'blocks.0.q_proj'\)=21.*min"):  # PiSSA: r <= min(in, out) = 20
+        lk.apply_lora(model, r=21, init="pissa")
+    with pytest.raises(ValueError, match=r"r \(for 'blocks.0.q_proj'\)=0 must be >= 1"):
+        lk.apply_lora(model, r=0)
     with pytest.raises(TypeError, match="'blocks.0.mlp' is a Sequential"):
         lk.apply_lora(model, target_modules=["mlp"])
     with pytest.raises(TypeError, match="'embed' is a Embedding"):

@@ -202,3 +202,69 @@ def test_low_precision_adapters_load_at_the_base_precision(tmp_path):
     lk.load_adapter(dst, tmp_path)
     layer = dst.fc
     assert layer.lora_A.dtype == torch.float32 and layer.dropout == 0.1 and not layer.training
+
+
+def _train_a_little(model):
+    with torch.no_grad():
+        for m in lk.lora_modules(model).values():
+            m.lora_B.add_(0.05 * torch.randn_like(m.lora_B))
+
+
+@pytest.mark.parametrize("init", ["pissa", "lora-ga"])
+def test_inits_that_change_the_base_save_for_the_original_base(init, tmp_path):
+    """PiSSA and LoRA-GA rewrite the base weight; the saved adapter must reproduce the model on the original
+    (pretrained) base, with lorakern and with peft (review: reloading gave logits off by 0.2)."""
+    ids = torch.randint(0, 61, (2, 7))
+    model = tiny_llama()
+    lk.apply_lora(model, target_modules=LLAMA_TARGETS, r=3, init="pissa" if init == "pissa" else "lora")
+    if init == "lora-ga":
+        batches = [torch.randint(0, 61, (2, 9)) for _ in range(2)]
+        lk.spectral_init(model, batches, lambda m, b: m(input_ids=b, labels=b).loss, method="lora-ga",
+                         mode="exact", progress=False)
+    _train_a_little(model)
+    expected = llama_out(model, ids)
+    lk.save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["r"] == 6 and config["lora_alpha"] == 32  # rank r + r, the same scaling 16 / 3
+    ours = tiny_llama()
+    lk.load_adapter(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path)).eval()
+    for got in (llama_out(ours, ids), llama_out(theirs, ids)):
+        assert (got - expected).abs().max() < 1e-4
+    original = tiny_llama()
+    lk.remove_lora(model, merge=False)  # the original base weights come back
+    for (name, p), q in zip(model.named_parameters(), original.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name
+
+
+def test_save_adapter_of_a_compiled_model_and_other_trainable_parameters(tmp_path):
+    model = tiny_llama()
+    lk.apply_lora(model, target_modules=["q_proj"], r=2)
+    model.lm_head.weight.requires_grad_(True)
+    with pytest.warns(UserWarning, match="not saved.*lm_head"):
+        lk.save_adapter(torch.compile(model), tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert all(not t.startswith("_orig_mod") for t in config["target_modules"])
+    lk.load_adapter(tiny_llama(), tmp_path)
+
+
+def test_failed_load_leaves_requires_grad_flags_alone(tmp_path, monkeypatch):
+    """A layer that fails to build after others were built (and their bases frozen) leaves no flag changed."""
+    model = tiny_llama()
+    lk.apply_lora(model, target_modules=["q_proj", "v_proj"], r=2)
+    lk.save_adapter(model, tmp_path)
+    target = tiny_llama()
+    flags = {n: p.requires_grad for n, p in target.named_parameters()}
+    real, calls = lk.LoRALinear.from_linear, []
+
+    def fails_third_time(linear, **kw):
+        calls.append(1)
+        layer = real(linear, **kw)  # freezes the base, as the real one does
+        if len(calls) == 3:
+            raise ValueError("simulated failure")
+        return layer
+    monkeypatch.setattr(lk.LoRALinear, "from_linear", staticmethod(fails_third_time))
+    with pytest.raises(ValueError, match="load_adapter: module .*simulated failure"):
+        lk.load_adapter(target, tmp_path)
+    assert flags == {n: p.requires_grad for n, p in target.named_parameters()}
+    assert not lk.lora_modules(target)

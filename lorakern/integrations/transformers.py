@@ -77,7 +77,8 @@ def gradient_batches(dataloader: Iterable | None, num_batches: int, device: torc
         if not tensors:
             raise TypeError(f"batch {len(batches)} of the train dataloader holds no tensor ({type(batch).__name__}); "
                             f"the gradient batch must be model inputs (a dict of tensors from a data collator)")
-        if any(t.dim() == 0 or t.shape[0] == 0 for t in tensors):
+        batched = [t for t in tensors if t.dim() > 0]  # a 0-d tensor (e.g. a num_items count) is no batch axis
+        if not batched or any(t.shape[0] == 0 for t in batched):
             shapes = [tuple(t.shape) for t in tensors]
             raise ValueError(f"the gradient batch is empty (batch {len(batches)} holds tensors of shapes {shapes}); "
                              f"spectral_init needs at least one example")

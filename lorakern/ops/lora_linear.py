@@ -164,7 +164,7 @@ def _check_inputs(x, weight, bias, lora_A, lora_B) -> None:
     """Clear errors here instead of a wrong answer or a crash inside a kernel."""
     named = {"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B}
     for name, t in named.items():
-        if t is not None and not isinstance(t, torch.Tensor):
+        if (t is not None or name != "bias") and not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if x.dim() < 1 or weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
         raise ValueError(f"expected x (..., in), weight (out, in), lora_A (r, in), lora_B (out, r); got shapes "
@@ -196,6 +196,10 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: floa
             or not 0.0 <= dropout_p <= _MAX_DROPOUT_P):
         raise ValueError(f"dropout_p must be a number in [0, 1) (at most 1 - 2**-24), got {dropout_p!r}")
     dropout_p = float(dropout_p)
+    if torch._C._are_functorch_transforms_active():
+        # torch.func (grad, vmap, jacrev: per-sample gradients) cannot see through the autograd.Function and
+        # its kernels; the same formula in differentiable torch ops can
+        return _lora_linear_functional(x, weight, bias, lora_A, lora_B, float(scaling), dropout_p, generator)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
     y = LoRALinearFunction.apply(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, generator)
@@ -203,6 +207,15 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: floa
         return y
     # A fresh tensor, not a view of y (as F.linear / matmul do): FSDP2 and in-place users expect no view.
     return torch.ops.aten._unsafe_view(y, (*lead, y.shape[-1]))
+
+
+def _lora_linear_functional(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, generator):
+    x_lora = x
+    if dropout_p > 0.0:
+        keep = torch.empty(x.shape, dtype=x.dtype, device=x.device).bernoulli_(1.0 - dropout_p, generator=generator)
+        x_lora = x * keep / (1.0 - dropout_p)
+    lora = (x_lora.to(lora_A.dtype) @ lora_A.t()) @ lora_B.t()
+    return torch.nn.functional.linear(x, weight, bias) + (scaling * lora).to(x.dtype)
 
 
 def _register_fakes() -> None:
