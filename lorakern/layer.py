@@ -131,6 +131,9 @@ class LoRALinear(nn.Linear):
             return
         if self.merged:
             raise ValueError("reset_lora_parameters: the layer is merged; unmerge() it first")
+        if fn is lora_init.pissa and getattr(self, "weight_tied", False):
+            raise ValueError("reset_lora_parameters: PiSSA replaces the base weight by its residual, but this "
+                             "layer's weight is tied to another module (apply_lora found it), which would change too")
         pissa = fn is lora_init.pissa
         if pissa:
             kw.setdefault("scaling", self.scaling)

@@ -165,9 +165,11 @@ def apply_lora(model: nn.Module, target_modules="all-linear", r: int = 8, alpha:
         for p, f in zip(params, flags):
             p.requires_grad_(f)
         raise
+    tied = {t.split(" ")[0] for t in tied_elsewhere(model, {n: model.get_submodule(n) for n in names})}
     aliases = _aliases(model)
     for n, layer in new.items():
         _replace(model, model.get_submodule(n), layer, aliases)
+        layer.weight_tied = n in tied  # reset_lora_parameters("pissa") would write into the other module too
     _freeze_all_but_adapters(model)
     for layer in new.values():
         layer.lora_A.requires_grad_(True)

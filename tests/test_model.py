@@ -232,6 +232,12 @@ def test_pissa_refuses_tied_weights_and_leaves_the_model_unchanged():
         lk.apply_lora(model, r=2, exclude=(), init="pissa")
     assert not lk.lora_modules(model) and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert lk.apply_lora(model, r=2, exclude=("head",), init="pissa") == ["a"]
+    tied = Shared()
+    lk.apply_lora(tied, target_modules=["head"], r=2, exclude=())
+    with pytest.raises(ValueError, match="tied"):
+        tied.head.reset_lora_parameters("pissa")
+    with pytest.raises(ValueError, match="tied"):
+        lk.apply_lora(Shared(), target_modules=["head"], r=2, exclude=(), init=lk.init.pissa)  # the function too
 
 
 class WithOutputEmbeddings(Shared):
