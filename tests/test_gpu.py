@@ -63,9 +63,12 @@ def test_spectral_init_on_cuda_matches_cpu():
     (torch.bfloat16, torch.bfloat16, 1, 1e-2), (torch.bfloat16, torch.bfloat16, 64, 1e-2),
     (torch.bfloat16, torch.float32, 16, 1e-2), (torch.float16, torch.float16, 256, 5e-3),
     (torch.float32, torch.float32, 33, 1e-5)])
-def test_triton_kernels_on_cuda_match_float64(dtype, adt, r, tol):
-    """The Triton path itself (forced), at a size where the autotuned Hopper tiles and the atomics engage."""
+@pytest.mark.parametrize("base", ["triton", "cublas"])
+def test_triton_kernels_on_cuda_match_float64(monkeypatch, dtype, adt, r, tol, base):
+    """The Triton path itself (forced), at a size where the autotuned Hopper tiles and the atomics engage;
+    each call is the first of its autotune key, so trial runs must leave y / dx / dA / dB as one run would."""
     from test_lora_linear_triton import _reference, ops
+    monkeypatch.setenv("LORAKERN_BASE_GEMM", base)
     lk.set_backend("triton")
     M, n_in, n_out = 1031, 1000, 777
     x = torch.randn(M, n_in, device="cuda").to(dtype).requires_grad_(True)
