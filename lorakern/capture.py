@@ -191,8 +191,9 @@ class GradientCapture:
                 for b, saved in buffers:
                     b.copy_(saved)
 
-    def _leaves_outside_model(self, loss: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """(leaf, a copy of its .grad) for every leaf of loss's graph that is not a parameter of the model."""
+    def _leaves_outside_model(self, loss: torch.Tensor) -> list[tuple]:
+        """(leaf, its .grad, a copy of the .grad's values) for every leaf of loss's graph that is not a
+        parameter of the model (leaves inside a reentrant checkpoint are not visible here)."""
         own = {id(p) for p in self.model.parameters()}
         out, seen = [], set()
         todo = [loss.grad_fn] if loss.grad_fn is not None else []
@@ -203,7 +204,7 @@ class GradientCapture:
             seen.add(node)
             leaf = getattr(node, "variable", None)  # AccumulateGrad
             if leaf is not None and id(leaf) not in own:
-                out.append((leaf, None if leaf.grad is None else leaf.grad.clone()))
+                out.append((leaf, leaf.grad, None if leaf.grad is None else leaf.grad.clone()))
             todo.extend(fn for fn, _ in node.next_functions)
         return out
 
@@ -233,7 +234,9 @@ class GradientCapture:
                     loss.backward()
                 finally:
                     self.switch.on = False
-                    for leaf, grad in outside:
+                    for leaf, grad, value in outside:  # the same .grad tensor, with its values back
+                        if grad is not None:
+                            grad.copy_(value)
                         leaf.grad = grad
                 for p in self.model.parameters():  # adapter grads are a by-product: drop them as we go
                     p.grad = None

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakern import init as lora_init
-from lorakern.ops.lora_linear import lora_linear
+from lorakern.ops.lora_linear import _MAX_DROPOUT_P, lora_linear
 
 
 def _check_float(value: object, name: str, low: float, high: float | None = None, high_open=False) -> float:
@@ -37,12 +37,12 @@ _HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward
                "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
 
 
-def _copy_hooks(src: nn.Module, dst: nn.Module) -> None:
-    """The module hooks of the Linear being wrapped carry over to its LoRALinear (peft keeps them on the
-    wrapped base_layer): a hook that scales or records the layer's output still sees it."""
+def share_hooks(src: nn.Module, dst: nn.Module) -> None:
+    """dst uses src's module hooks, the same dicts (peft keeps them on the wrapped base_layer): a hook that
+    scales or records the layer's output still sees it, and the handles the user holds still remove it."""
     for name in _HOOK_DICTS:
-        if hasattr(src, name) and getattr(src, name):
-            getattr(dst, name).update(getattr(src, name))
+        if hasattr(src, name):
+            setattr(dst, name, getattr(src, name))
     if getattr(src, "_is_full_backward_hook", None) is not None:
         dst._is_full_backward_hook = src._is_full_backward_hook
 
@@ -83,14 +83,16 @@ class LoRALinear(nn.Linear):
         layer._setup_adapter(r, alpha, kw.get("dropout", 0.0), kw.get("rslora", False), kw.get("init", "lora"),
                              kw.get("adapter_dtype"))
         layer.train(linear.training)  # an eval-mode model stays in eval mode (no dropout at inference)
-        _copy_hooks(linear, layer)
+        share_hooks(linear, layer)
+        if getattr(linear, "_is_hf_initialized", False):  # transformers' init_weights() must not re-draw W
+            layer._is_hf_initialized = True
         return layer
 
     def _setup_adapter(self, r, alpha, dropout, rslora, init, adapter_dtype) -> None:
         resolve_init(init)  # validate everything before the base is frozen
         self.r = lora_init.check_rank(r, self.in_features, self.out_features, bounded=False)
         self.alpha = _check_float(alpha, "alpha", 0.0)
-        self.dropout = _check_float(dropout, "dropout", 0.0, 1.0, high_open=True)
+        self.dropout = _check_float(dropout, "dropout", 0.0, _MAX_DROPOUT_P)  # [0, 1): the kernels' fp32 bound
         self.rslora = bool(rslora)
         self.scaling = self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
         if adapter_dtype is not None and not (isinstance(adapter_dtype, torch.dtype) and adapter_dtype.is_floating_point):
@@ -104,10 +106,11 @@ class LoRALinear(nn.Linear):
         self.lora_B = nn.Parameter(torch.empty(self.out_features, self.r, device=dev, dtype=adt))
         self.merged = False
         # Low-rank record of what an init subtracted from the base weight (PiSSA's principal part, LoRA-GA's
-        # offset): original weight = weight + scaling * base_offset_B @ base_offset_A. save_adapter uses it to
-        # write an adapter that applies to the original (pretrained) base; remove_lora(merge=False) to restore it.
-        self.register_buffer("base_offset_A", None, persistent=False)
-        self.register_buffer("base_offset_B", None, persistent=False)
+        # offset): original weight = weight + base_offset_B @ base_offset_A (scaling included, so a later
+        # change of alpha does not change it). save_adapter uses it to write an adapter that applies to the
+        # original (pretrained) base; remove_lora(merge=False) to restore it. In the state dict when set.
+        self.register_buffer("base_offset_A", None)
+        self.register_buffer("base_offset_B", None)
         self.reset_lora_parameters(init)
 
     def reset_parameters(self) -> None:
@@ -116,6 +119,7 @@ class LoRALinear(nn.Linear):
         super().reset_parameters()
         if hasattr(self, "lora_A"):  # nn.Linear.__init__ calls this before the adapter exists
             self.merged = False
+            self.base_offset_A = self.base_offset_B = None  # a new weight: no init has touched it yet
             init, kw = self._init
             self.reset_lora_parameters(init, **kw)
 
@@ -126,8 +130,8 @@ class LoRALinear(nn.Linear):
         output is unchanged; the other weight-only inits leave the weight alone.
         """
         fn = resolve_init(init)
-        self._init = (init, dict(kw))  # what reset_parameters() re-runs
-        if self.weight.device.type == "meta":  # no values yet: call reset_lora_parameters after to_empty()
+        if self.weight.device.type == "meta":  # no values yet: reset_parameters() runs it after to_empty()
+            self._init = (init, dict(kw))
             return
         if self.merged:
             raise ValueError("reset_lora_parameters: the layer is merged; unmerge() it first")
@@ -153,15 +157,16 @@ class LoRALinear(nn.Linear):
                 stored = self.lora_B.to(wide) @ self.lora_A.to(wide)
                 self.weight.copy_(self.weight.to(wide) - self.scaling * stored)
                 self.record_base_offset(self.lora_A, self.lora_B)
+        self._init = (init, dict(kw))  # what reset_parameters() re-runs (set once the init has succeeded)
 
     @torch.no_grad()
     def record_base_offset(self, A: torch.Tensor, B: torch.Tensor) -> None:
-        """Note that scaling * B @ A (A (k, in), B (out, k)) was subtracted from the base weight by an init;
-        offsets add up (factors concatenated). Zero factors are skipped."""
+        """Note that scaling * B @ A (A (k, in), B (out, k), the layer's current scaling) was subtracted from
+        the base weight by an init; offsets add up (factors concatenated). Zero factors are skipped."""
         if not (A.any() and B.any()):
             return
         wide = torch.promote_types(torch.promote_types(A.dtype, self.weight.dtype), torch.float32)
-        A, B = A.detach().to(wide), B.detach().to(wide)
+        A, B = A.detach().to(wide), B.detach().to(wide) * self.scaling
         if self.base_offset_A is not None:
             A = torch.cat([self.base_offset_A.to(wide), A], dim=0)
             B = torch.cat([self.base_offset_B.to(wide), B], dim=1)
@@ -175,8 +180,7 @@ class LoRALinear(nn.Linear):
         if self.merged:
             raise ValueError("restore_base: the layer is merged; unmerge() it first")
         wide = self.base_offset_A.dtype
-        offset = self.base_offset_B @ self.base_offset_A
-        self.weight.copy_(self.weight.to(wide) + self.scaling * offset)
+        self.weight.copy_(self.weight.to(wide) + self.base_offset_B @ self.base_offset_A)
         self.base_offset_A = self.base_offset_B = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -184,6 +188,13 @@ class LoRALinear(nn.Linear):
         if self.merged and any(k.startswith(prefix) and "." not in k[len(prefix):] for k in state_dict):
             raise ValueError(f"load_state_dict: the LoRALinear {prefix.rstrip('.') or '(root)'} is merged; unmerge() "
                              f"it (or lorakern.unmerge_lora(model)) before loading a state dict into it")
+        if prefix + "weight" in state_dict:
+            # The record of an init's offset belongs to the weight it comes with: taken from the state dict
+            # (any rank), or dropped when the state dict has none (a plain or older checkpoint).
+            for name in ("base_offset_A", "base_offset_B"):
+                value = state_dict.get(prefix + name)
+                setattr(self, name, None if value is None else
+                        value.detach().to(self.weight.device, torch.promote_types(value.dtype, torch.float32)).clone())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- forward ---------------------------------------------------------------------------------------

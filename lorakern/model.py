@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lorakern import init as lora_init
-from lorakern.layer import LoRALinear, resolve_init
+from lorakern.layer import LoRALinear, resolve_init, share_hooks
 
 
 def _matches_suffix(name: str, suffix: str) -> bool:
@@ -38,9 +38,6 @@ def _why_not_adaptable(model: nn.Module, name: str, m: nn.Module) -> str | None:
     if isinstance(parent, nn.MultiheadAttention):
         return ("is nn.MultiheadAttention's output projection, whose weight the attention reads directly "
                 "without calling its forward")
-    if isinstance(parent, nn.TransformerEncoderLayer):
-        return ("is in nn.TransformerEncoderLayer, whose inference fast path (eval mode) reads its weight "
-                "directly without calling its forward: the adapter would be ignored there")
     if parametrize.is_parametrized(m):
         return "has a parametrized weight (e.g. weight_norm); remove the parametrization first"
     if type(m).forward is not nn.Linear.forward:
@@ -119,9 +116,20 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def _fast_path_off(module, args):
+    """A forward pre-hook that does nothing: its presence turns off nn.TransformerEncoderLayer's inference
+    fast path, which reads linear1 / linear2's weights directly and would ignore their adapters."""
+    return None
+
+
 def _replace(model: nn.Module, old: nn.Module, new: nn.Module, aliases: dict[int, list[str]]) -> None:
     for alias in aliases[id(old)]:  # a shared module stays shared: every alias gets the same new layer
         _set_submodule(model, alias, new)
+        parent_name = alias.rpartition(".")[0]
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if (isinstance(new, LoRALinear) and isinstance(parent, nn.TransformerEncoderLayer)
+                and _fast_path_off not in new._forward_pre_hooks.values()):
+            new.register_forward_pre_hook(_fast_path_off)
 
 
 def _freeze_all_but_adapters(model: nn.Module) -> None:
@@ -251,5 +259,9 @@ def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
             lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
             lin.weight, lin.bias = m.weight, m.bias  # the original Parameters, no copy
             lin.train(m.training)
+        hooks = m._forward_pre_hooks
+        for key in [k for k, fn in hooks.items() if fn is _fast_path_off]:
+            del hooks[key]
+        share_hooks(m, lin)  # the user's hooks (shared with the Linear apply_lora replaced) stay
         _replace(model, m, lin, aliases)
     return model

@@ -34,7 +34,7 @@ def _adapters_to_save(m: LoRALinear, original_base: bool) -> tuple[torch.Tensor,
     if not original_base or m.base_offset_A is None:
         return A, B, m.r, m.alpha
     A = torch.cat([A, m.base_offset_A.to(A.dtype)], dim=0)
-    B = torch.cat([B, -m.base_offset_B.to(B.dtype)], dim=1)
+    B = torch.cat([B, (-m.base_offset_B / m.scaling).to(B.dtype)], dim=1)  # the offset holds its scaling
     r = A.shape[0]
     return A, B, r, m.scaling * (r ** 0.5 if m.rslora else r)
 

@@ -366,10 +366,12 @@ def test_from_linear_keeps_the_linears_hooks():
     lin = nn.Linear(6, 4)
     seen = []
     lin.register_forward_pre_hook(lambda mod, args: seen.append("pre"))
-    lin.register_forward_hook(lambda mod, args, out: 2 * out)
+    handle = lin.register_forward_hook(lambda mod, args, out: 2 * out)
     layer = lk.LoRALinear.from_linear(lin, r=2)
     x = torch.randn(3, 6)
     assert torch.allclose(layer(x), lin(x)) and seen == ["pre", "pre"]  # B = 0: the same output, doubled
+    handle.remove()  # the user's handle still removes it from the LoRA layer
+    assert torch.allclose(layer(x), nn.functional.linear(x, lin.weight, lin.bias))
 
 
 def test_meta_init_then_reset_parameters_initializes_the_adapter():
@@ -383,12 +385,24 @@ def test_meta_init_then_reset_parameters_initializes_the_adapter():
         assert torch.equal(m.lora_B, torch.zeros_like(m.lora_B)) and 0.0 < m.lora_A.std() < 1.0
 
 
-def test_layers_of_transformer_encoder_layer_are_not_adapted():
-    """Its eval fast path reads linear1/linear2's weights directly: an adapter there would be ignored."""
-    enc = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), nn.Linear(8, 3))
-    assert lk.apply_lora(enc, r=2, exclude=()) == ["1"]  # (out_proj: MHA reads it directly too)
-    with pytest.raises(TypeError, match="fast path"):
-        lk.apply_lora(enc, target_modules=["linear1"], r=2)
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_transformer_encoder_layer_keeps_its_adapters_in_eval(batch_first):
+    """Its inference fast path (eval, batch_first) reads linear1/linear2's weights directly; a no-op pre-hook
+    on the adapted layers turns it off, so eval sees the adapters (review: off by 3.0 before)."""
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=batch_first))
+    names = lk.apply_lora(enc, r=2, exclude=())
+    assert names == ["0.linear1", "0.linear2"]  # (out_proj: MHA reads its weight directly)
+    for m in lk.lora_modules(enc).values():
+        randomize_adapter(m)
+    x = torch.randn(3, 5, 8)
+    train_out = enc.train()(x)
+    with torch.no_grad():
+        assert rel_err(enc.eval()(x), train_out) < 1e-5
+    lk.remove_lora(enc, merge=True)
+    assert not enc[0].linear1._forward_pre_hooks  # the guard leaves with the adapter
+    with torch.no_grad():
+        assert rel_err(enc(x), train_out) < 1e-5
 
 
 def test_parametrized_linear_is_refused_clearly():
@@ -426,3 +440,54 @@ def test_loading_a_state_dict_into_a_merged_layer_is_refused():
         model.load_state_dict(sd)
     model[0].unmerge()
     model.load_state_dict(sd)
+
+
+def test_reset_parameters_forgets_the_old_weights_offset():
+    layer = lk.LoRALinear(10, 8, r=2, init="pissa")
+    assert layer.base_offset_A is not None
+    layer.reset_parameters()  # a new random weight, then PiSSA of it: the record is of the new weight only
+    original = layer.weight.double() + layer.base_offset_B.double() @ layer.base_offset_A.double()
+    assert layer.base_offset_A.shape[0] == 2
+    assert rel_err(layer.weight.double() + layer.scaling * layer.lora_B.double() @ layer.lora_A.double(), original) < 1e-6
+
+
+def test_init_offset_travels_with_the_state_dict_and_survives_an_alpha_change(tmp_path):
+    lin = nn.Linear(10, 8)
+    W0 = lin.weight.detach().clone()
+    model = nn.Sequential(lk.LoRALinear.from_linear(lin, r=2, init="pissa"))
+    sd = model.state_dict()
+    assert {"0.base_offset_A", "0.base_offset_B"} <= set(sd)
+    fresh = nn.Sequential(lk.LoRALinear(10, 8, r=2))
+    assert "0.base_offset_A" not in fresh.state_dict()  # None until an init sets it
+    fresh.load_state_dict(sd)  # strict
+    fresh[0].alpha, fresh[0].scaling = 4.0, 2.0  # e.g. load_adapter with another alpha
+    fresh[0].restore_base()
+    assert rel_err(fresh[0].weight, W0) < 1e-6
+    plain = nn.Sequential(lk.LoRALinear(10, 8, r=2))
+    model.load_state_dict(plain.state_dict())  # a checkpoint without a record drops it
+    assert model[0].base_offset_A is None
+
+
+def test_dropout_just_below_one_is_refused_at_construction():
+    with pytest.raises(ValueError, match="dropout"):
+        lk.LoRALinear(6, 4, r=2, dropout=1.0 - 2.0 ** -26)
+
+
+def test_failed_reset_keeps_what_reset_parameters_reruns():
+    layer = lk.LoRALinear(6, 4, r=2, init="gaussian")
+    with pytest.raises(ValueError):
+        layer.reset_lora_parameters(lambda w, r: (torch.zeros(1), torch.zeros(1)))
+    layer.reset_parameters()  # still the gaussian init
+
+
+def test_torch_func_vmap_with_dropout_draws_per_sample_masks():
+    from torch.func import functional_call, grad, vmap
+    layer = randomize_adapter(lk.LoRALinear(6, 3, r=2, dropout=0.5)).train()
+    params = {k: v.detach() for k, v in layer.named_parameters() if v.requires_grad}
+    X = torch.ones(4, 6)
+
+    def loss(p, x):
+        return functional_call(layer, p, (x[None],)).sum()
+    g = vmap(grad(loss), in_dims=(None, 0), randomness="different")(params, X)
+    assert g["lora_A"].shape == (4, 2, 6) and torch.isfinite(g["lora_A"]).all()
+    assert not torch.equal(g["lora_A"][0], g["lora_A"][1]) or not torch.equal(g["lora_A"][1], g["lora_A"][2])

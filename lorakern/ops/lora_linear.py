@@ -211,9 +211,10 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: floa
 
 def _lora_linear_functional(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, generator):
     x_lora = x
-    if dropout_p > 0.0:
-        keep = torch.empty(x.shape, dtype=x.dtype, device=x.device).bernoulli_(1.0 - dropout_p, generator=generator)
-        x_lora = x * keep / (1.0 - dropout_p)
+    if dropout_p > 0.0:  # rand_like: what vmap(randomness="different") supports (bernoulli_ in place does not)
+        u = (torch.rand_like(x) if generator is None else
+             torch.rand(x.shape, dtype=x.dtype, device=x.device, generator=generator))
+        x_lora = torch.where(u >= dropout_p, x / (1.0 - dropout_p), torch.zeros_like(x))
     lora = (x_lora.to(lora_A.dtype) @ lora_A.t()) @ lora_B.t()
     return torch.nn.functional.linear(x, weight, bias) + (scaling * lora).to(x.dtype)
 
