@@ -99,19 +99,45 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
         "modules_to_save": None,
         "use_dora": False,
     }
-    others = [n for n, p in model.named_parameters() if p.requires_grad and ".lora_A" not in n and ".lora_B" not in n
-              and not n.startswith(("lora_A", "lora_B"))]
-    if others:
-        warnings.warn(f"save_adapter: trainable parameters other than the adapters are not saved (peft's "
-                      f"modules_to_save is not supported): {others[:5]}", stacklevel=2)
     tensors = {}
     for n, (A, B, _, _) in saved.items():
         tensors[f"{_PREFIX}{n}.lora_A.weight"] = A.to("cpu").contiguous()
         tensors[f"{_PREFIX}{n}.lora_B.weight"] = B.to("cpu").contiguous()
+    to_save, skipped = _trained_modules(model)
+    if skipped:
+        warnings.warn(f"save_adapter: these trainable parameters are not saved (they belong to LoRA layers or to "
+                      f"modules that contain them, which peft's modules_to_save cannot hold): {skipped[:5]}",
+                      stacklevel=2)
+    for name, module in to_save.items():  # peft's modules_to_save: whole modules, keys without the wrapper
+        for pname, t in module.state_dict().items():
+            tensors[f"{_PREFIX}{name}.{pname}"] = t.detach().to("cpu").contiguous()
+    config["modules_to_save"] = sorted(to_save) or None
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
+
+
+def _trained_modules(model: nn.Module) -> tuple[dict[str, nn.Module], list[str]]:
+    """Modules (not LoRA layers) holding a trainable parameter, e.g. a classification head trained from
+    scratch: what peft calls modules_to_save. Returns them and the names of trainable non-adapter parameters
+    that live in LoRA layers (an unfrozen base bias), which peft's format cannot hold."""
+    lora = lora_modules(model)
+    out, skipped = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            skipped += [f"{name}.{p}" for p, t in module.named_parameters(recurse=False)
+                        if t.requires_grad and p not in ("lora_A", "lora_B")]
+            continue
+        if not any(t.requires_grad for t in module.parameters(recurse=False)) or any(
+                name.startswith(l + ".") for l in lora if l):
+            continue
+        if not name or any(isinstance(m, LoRALinear) for m in module.modules()):  # cannot be saved whole
+            skipped += [f"{name}.{p}".lstrip(".") for p, t in module.named_parameters(recurse=False) if t.requires_grad]
+        else:
+            out[name] = module
+    # a module inside another one that is saved whole is saved with it
+    return {n: m for n, m in out.items() if not any(n.startswith(o + ".") for o in out if o)}, skipped
 
 
 def _num(x: float):
@@ -143,6 +169,12 @@ def _read(path) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, tensors
 
 
+def _as_list(value) -> list[str]:
+    if not value:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
 def _check_config(config: dict) -> None:
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"load_adapter: peft_type={config.get('peft_type')!r} is not a LoRA adapter")
@@ -151,8 +183,6 @@ def _check_config(config: dict) -> None:
         if config.get(key, ok) != ok:
             raise ValueError(f"load_adapter: adapter_config.json has {key}={config[key]!r}; lorakern supports "
                              f"only {key}={ok!r}")
-    if config.get("modules_to_save"):
-        raise ValueError(f"load_adapter: modules_to_save={config['modules_to_save']!r} is not supported")
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_dtype: torch.dtype | None = None) -> list[str]:
@@ -168,12 +198,24 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_dtype: torch
     _check_config(config)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     bad = []
+    saved_modules = _as_list(config.get("modules_to_save"))
+    extra: dict[str, torch.Tensor] = {}  # modules_to_save entries: state-dict key in the model -> tensor
+    own_state = model.state_dict()
     for key, t in tensors.items():
-        m = _KEY.match(key[len(_PREFIX):] if key.startswith(_PREFIX) else key)
-        if m is None:
-            bad.append(key)
-        else:
+        k = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+        m = _KEY.match(k)
+        if m is not None and ".modules_to_save." not in k:
             pairs.setdefault(m["module"], {})[m["which"]] = t
+            continue
+        k = re.sub(r"\.modules_to_save(\.[^.]+)?\.", ".", k)  # peft's in-memory form, if present
+        module = k.rpartition(".")[0]
+        if saved_modules and any(module == s or module.endswith("." + s) for s in saved_modules) and k in own_state:
+            if tuple(own_state[k].shape) != tuple(t.shape):
+                raise ValueError(f"load_adapter: {k!r} has shape {tuple(t.shape)} in the file but "
+                                 f"{tuple(own_state[k].shape)} in the model")
+            extra[k] = t
+        else:
+            bad.append(key)
     if bad:
         raise ValueError(f"load_adapter: unsupported keys in {path}: {bad[:5]}")
     if not pairs:
@@ -238,4 +280,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_dtype: torch
         layer.lora_B.requires_grad_(True)
     if new_layers:
         _freeze_all_but_adapters(model)
+    if extra:  # the saved modules' weights, trainable again (as in peft)
+        model.load_state_dict(extra, strict=False)
+        params = dict(model.named_parameters())
+        for k in extra:
+            if k in params:
+                params[k].requires_grad_(True)
     return [name for name, *_ in plan]

@@ -237,15 +237,48 @@ def test_inits_that_change_the_base_save_for_the_original_base(init, tmp_path):
         assert torch.allclose(p, q, atol=1e-6), name
 
 
-def test_save_adapter_of_a_compiled_model_and_other_trainable_parameters(tmp_path):
+def test_save_adapter_of_a_compiled_model(tmp_path):
     model = tiny_llama()
     lk.apply_lora(model, target_modules=["q_proj"], r=2)
-    model.lm_head.weight.requires_grad_(True)
-    with pytest.warns(UserWarning, match="not saved.*lm_head"):
-        lk.save_adapter(torch.compile(model), tmp_path)
+    lk.save_adapter(torch.compile(model), tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert all(not t.startswith("_orig_mod") for t in config["target_modules"])
     lk.load_adapter(tiny_llama(), tmp_path)
+
+
+def test_trained_head_is_saved_as_modules_to_save_both_ways(tmp_path):
+    """A classification head trained from scratch beside the adapters (review: dropped silently, and peft
+    crashed on a SEQ_CLS file without it)."""
+    cfg = transformers.LlamaConfig(vocab_size=61, hidden_size=48, intermediate_size=84, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, num_labels=3, pad_token_id=0)
+
+    def classifier():
+        torch.manual_seed(0)
+        return transformers.LlamaForSequenceClassification(cfg).eval()
+
+    ids = torch.randint(1, 61, (2, 7))
+    model = classifier()
+    lk.apply_lora(model, target_modules=LLAMA_TARGETS, r=2)
+    model.score.weight.requires_grad_(True)
+    with torch.no_grad():
+        model.score.weight.add_(0.5)
+        _train_a_little(model)
+    expected = model(input_ids=ids).logits.detach()
+    lk.save_adapter(model, tmp_path / "ours", task_type="SEQ_CLS")
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["score"]
+    ours = classifier()
+    lk.load_adapter(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(classifier(), str(tmp_path / "ours")).eval()
+    for m in (ours, theirs):
+        with torch.no_grad():
+            assert (m(input_ids=ids).logits - expected).abs().max() < 1e-5
+    assert ours.score.weight.requires_grad  # trainable again, as peft makes it
+    theirs.save_pretrained(tmp_path / "peft")  # and what peft saves, lorakern loads
+    again = classifier()
+    lk.load_adapter(again, tmp_path / "peft")
+    with torch.no_grad():
+        assert (again(input_ids=ids).logits - expected).abs().max() < 1e-5
 
 
 def test_failed_load_leaves_requires_grad_flags_alone(tmp_path, monkeypatch):
