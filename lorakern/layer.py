@@ -47,6 +47,19 @@ def share_hooks(src: nn.Module, dst: nn.Module) -> None:
         dst._is_full_backward_hook = src._is_full_backward_hook
 
 
+def _recompress(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """B @ A with the fewest columns: thin QRs of B and A^T, the SVD of the small core, directions below the
+    rounding level dropped (PiSSA then LoRA-GA on one layer recorded 3r columns of a rank-r offset)."""
+    Qb, Rb = torch.linalg.qr(B)
+    Qa, Ra = torch.linalg.qr(A.mT)
+    U, S, Vh = torch.linalg.svd(Rb @ Ra.mT)
+    # relative to the parts' sizes, not the result's: cancelled parts (an offset later undone) leave their
+    # rounding, ~eps |B| |A|, behind
+    tol = A.shape[0] * torch.finfo(S.dtype).eps * torch.linalg.matrix_norm(Rb) * torch.linalg.matrix_norm(Ra)
+    k = max(int((S > tol).sum()), 1)
+    return (S[:k, None] * Vh[:k]) @ Qa.mT, Qb @ U[:, :k]
+
+
 class LoRALinear(nn.Linear):
     """y = x W^T + b + scaling * (dropout(x) A^T) B^T with W, b frozen and A (r, in), B (out, r) trainable.
 
@@ -170,6 +183,7 @@ class LoRALinear(nn.Linear):
         if self.base_offset_A is not None:
             A = torch.cat([self.base_offset_A.to(wide), A], dim=0)
             B = torch.cat([self.base_offset_B.to(wide), B], dim=1)
+            A, B = _recompress(A, B)
         self.base_offset_A, self.base_offset_B = A.clone(), B.clone()
 
     @torch.no_grad()

@@ -459,3 +459,18 @@ def test_lora_ga_with_bf16_adapters_keeps_the_fp32_base_exact():
     for m, w0 in zip((model[0], model[2]), W0):
         total = m.weight.double() + m.scaling * m.lora_B.double() @ m.lora_A.double()
         assert rel_err(total, w0) < 1e-6  # was ~1e-4: the offset came from the unrounded factors
+
+
+def test_pissa_then_lora_ga_records_the_net_offset_only():
+    """LoRA-GA after PiSSA undoes PiSSA's offset and adds its own: the record is rank r, not 3r, and still
+    gives back the original weight (save_adapter writes rank r + r, not r + 3r)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(20, 16)
+    W0 = lin.weight.detach().clone()
+    model = nn.Sequential(lk.LoRALinear.from_linear(lin, r=4, init="pissa"), nn.Tanh())
+    batches = [(torch.randn(5, 20), torch.randn(5, 16)) for _ in range(2)]
+    lk.spectral_init(model, batches, lambda m, b: (m(b[0]) - b[1]).square().mean(), method="lora-ga",
+                     mode="exact", progress=False)
+    layer = model[0]
+    assert layer.base_offset_A.shape == (4, 20) and layer.base_offset_B.shape == (16, 4)
+    assert rel_err(layer.weight + layer.base_offset_B @ layer.base_offset_A, W0) < 1e-6
