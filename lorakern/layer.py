@@ -47,16 +47,17 @@ def share_hooks(src: nn.Module, dst: nn.Module) -> None:
         dst._is_full_backward_hook = src._is_full_backward_hook
 
 
-def _recompress(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """B @ A with the fewest columns: thin QRs of B and A^T, the SVD of the small core, directions below the
-    rounding level dropped (PiSSA then LoRA-GA on one layer recorded 3r columns of a rank-r offset)."""
+def _recompress(A: torch.Tensor, B: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """B @ A with the fewest columns (None if it is zero): thin QRs of B and A^T, the SVD of the small core,
+    directions below the rounding level of the summed parts dropped (PiSSA then LoRA-GA on one layer
+    recorded 3r columns of a rank-r offset). scale: the sum over the concatenated parts of |B_i| |A_i|,
+    the size of what may have cancelled (not |B| |A|, whose cross terms can be far larger)."""
     Qb, Rb = torch.linalg.qr(B)
     Qa, Ra = torch.linalg.qr(A.mT)
     U, S, Vh = torch.linalg.svd(Rb @ Ra.mT)
-    # relative to the parts' sizes, not the result's: cancelled parts (an offset later undone) leave their
-    # rounding, ~eps |B| |A|, behind
-    tol = A.shape[0] * torch.finfo(S.dtype).eps * torch.linalg.matrix_norm(Rb) * torch.linalg.matrix_norm(Ra)
-    k = max(int((S > tol).sum()), 1)
+    k = int((S > A.shape[0] * torch.finfo(S.dtype).eps * scale).sum())
+    if k == 0:
+        return None
     return (S[:k, None] * Vh[:k]) @ Qa.mT, Qb @ U[:, :k]
 
 
@@ -176,14 +177,20 @@ class LoRALinear(nn.Linear):
     def record_base_offset(self, A: torch.Tensor, B: torch.Tensor) -> None:
         """Note that scaling * B @ A (A (k, in), B (out, k), the layer's current scaling) was subtracted from
         the base weight by an init; offsets add up (factors concatenated). Zero factors are skipped."""
-        if not (A.any() and B.any()):
+        if not (A.any() and B.any()) or self.scaling == 0:  # nothing was subtracted
             return
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            raise FloatingPointError("record_base_offset: the init's factors are not finite")
         wide = torch.promote_types(torch.promote_types(A.dtype, self.weight.dtype), torch.float32)
         A, B = A.detach().to(wide), B.detach().to(wide) * self.scaling
         if self.base_offset_A is not None:
-            A = torch.cat([self.base_offset_A.to(wide), A], dim=0)
-            B = torch.cat([self.base_offset_B.to(wide), B], dim=1)
-            A, B = _recompress(A, B)
+            A0, B0 = self.base_offset_A.to(wide), self.base_offset_B.to(wide)
+            scale = float(A0.norm() * B0.norm() + A.norm() * B.norm())
+            both = _recompress(torch.cat([A0, A], dim=0), torch.cat([B0, B], dim=1), scale)
+            if both is None:  # the new offset undid the old one exactly
+                self.base_offset_A = self.base_offset_B = None
+                return
+            A, B = both
         self.base_offset_A, self.base_offset_B = A.clone(), B.clone()
 
     @torch.no_grad()

@@ -31,7 +31,7 @@ def _adapters_to_save(m: LoRALinear, original_base: bool) -> tuple[torch.Tensor,
     adds its recorded offset, [A; A0] and [B, -B0] at rank r + k with alpha such that the scaling is kept,
     so that the file applies to the original base weight (peft's conversion for PiSSA / OLoRA)."""
     A, B = m.lora_A.detach(), m.lora_B.detach()
-    if not original_base or m.base_offset_A is None:
+    if not original_base or m.base_offset_A is None or m.scaling == 0:
         return A, B, m.r, m.alpha
     A = torch.cat([A, m.base_offset_A.to(A.dtype)], dim=0)
     B = torch.cat([B, (-m.base_offset_B / m.scaling).to(B.dtype)], dim=1)  # the offset holds its scaling
@@ -108,14 +108,37 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_p
         warnings.warn(f"save_adapter: these trainable parameters are not saved (they belong to LoRA layers or to "
                       f"modules that contain them, which peft's modules_to_save cannot hold): {skipped[:5]}",
                       stacklevel=2)
-    for name, module in to_save.items():  # peft's modules_to_save: whole modules, keys without the wrapper
-        for pname, t in module.state_dict().items():
-            tensors[f"{_PREFIX}{name}.{pname}"] = t.detach().to("cpu").contiguous()
-    config["modules_to_save"] = sorted(to_save) or None
+    names = sorted(to_save) + [n for n in _TASK_MODULES.get(task_type or "", ()) if n not in to_save]
+    claimed = _claimed_by_peft(model, names)
+    for name, module in claimed.items():  # whole modules, keys without the wrapper
+        for pname, t in module.state_dict().items():  # clone: a tied head shares memory with the embeddings
+            tensors[f"{_PREFIX}{name}.{pname}"] = t.detach().to("cpu").clone()
+    # the outermost modules: peft nests no wrapper in another (RoBERTa's head is classifier.{dense,out_proj})
+    config["modules_to_save"] = sorted(claimed) or None
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
+
+
+# What peft's PeftModelFor<task> adds to modules_to_save by itself (peft/peft_model.py), so the file must
+# hold those modules too, trained or not.
+_TASK_MODULES = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+                 "QUESTION_ANS": ("qa_outputs",)}
+
+
+def _claimed_by_peft(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
+    """The modules peft wraps for modules_to_save = names: those whose full name ends with one of them
+    (peft's test is a plain endswith: "classifier" also claims "pre_classifier"), outermost only. A LoRA
+    layer among them cannot be both: a clear error instead of a file peft cannot load."""
+    hits = {n: m for n, m in model.named_modules() if n and any(n.endswith(s) for s in names)}
+    hits = {n: m for n, m in hits.items() if not any(n.startswith(o + ".") for o in hits)}
+    for n, m in hits.items():
+        if any(isinstance(x, LoRALinear) for x in m.modules()):
+            raise ValueError(f"save_adapter: peft would treat {n!r} as a module to save (modules_to_save / the "
+                             f"task type's {names}), but it holds LoRA layers; leave it out of apply_lora "
+                             f"(exclude=...) or save with another task_type")
+    return hits
 
 
 def _trained_modules(model: nn.Module) -> tuple[dict[str, nn.Module], list[str]]:
@@ -169,6 +192,31 @@ def _read(path) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, tensors
 
 
+def _shared_parameters(model: nn.Module) -> dict[int, list[str]]:
+    """id(parameter) -> its names, for parameters held under several names (tied weights)."""
+    names: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    return {k: v for k, v in names.items() if len(v) > 1}
+
+
+def _check_saved_module_key(model: nn.Module, key: str, t: torch.Tensor, own_state: dict, tied: dict) -> None:
+    """A modules_to_save tensor may go into a plain module only: checked before anything is modified."""
+    target = own_state[key]
+    if tuple(target.shape) != tuple(t.shape):
+        raise ValueError(f"load_adapter: {key!r} has shape {tuple(t.shape)} in the file but "
+                         f"{tuple(target.shape)} in the model")
+    module = key.rpartition(".")[0]
+    parts = module.split(".")
+    for i in range(len(parts), 0, -1):
+        if isinstance(model.get_submodule(".".join(parts[:i])), LoRALinear):
+            raise ValueError(f"load_adapter: the file's modules_to_save tensor {key!r} would go into the LoRA "
+                             f"layer {'.'.join(parts[:i])!r}, whose base weight is frozen")
+    if id(target) in tied:
+        raise ValueError(f"load_adapter: {key!r} is tied to {[n for n in tied[id(target)] if n != key]}; loading "
+                         f"it as a module to save would change those too (untie the weights first)")
+
+
 def _as_list(value) -> list[str]:
     if not value:
         return []
@@ -200,7 +248,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_dtype: torch
     bad = []
     saved_modules = _as_list(config.get("modules_to_save"))
     extra: dict[str, torch.Tensor] = {}  # modules_to_save entries: state-dict key in the model -> tensor
-    own_state = model.state_dict()
+    own_state = model.state_dict(keep_vars=True)
+    tied = _shared_parameters(model) if saved_modules else {}
     for key, t in tensors.items():
         k = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
         m = _KEY.match(k)
@@ -208,11 +257,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_dtype: torch
             pairs.setdefault(m["module"], {})[m["which"]] = t
             continue
         k = re.sub(r"\.modules_to_save(\.[^.]+)?\.", ".", k)  # peft's in-memory form, if present
-        module = k.rpartition(".")[0]
-        if saved_modules and any(module == s or module.endswith("." + s) for s in saved_modules) and k in own_state:
-            if tuple(own_state[k].shape) != tuple(t.shape):
-                raise ValueError(f"load_adapter: {k!r} has shape {tuple(t.shape)} in the file but "
-                                 f"{tuple(own_state[k].shape)} in the model")
+        parts = k.split(".")
+        ancestors = [".".join(parts[:i]) for i in range(1, len(parts))]  # peft: a plain endswith on module names
+        if saved_modules and k in own_state and any(a.endswith(s) for a in ancestors for s in saved_modules):
+            _check_saved_module_key(model, k, t, own_state, tied)
             extra[k] = t
         else:
             bad.append(key)

@@ -301,3 +301,62 @@ def test_failed_load_leaves_requires_grad_flags_alone(tmp_path, monkeypatch):
         lk.load_adapter(target, tmp_path)
     assert flags == {n: p.requires_grad for n, p in target.named_parameters()}
     assert not lk.lora_modules(target)
+
+
+def _roberta_classifier():
+    torch.manual_seed(0)
+    cfg = transformers.RobertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=20, max_position_embeddings=40, num_labels=3)
+    return transformers.RobertaForSequenceClassification(cfg).eval()
+
+
+@pytest.mark.parametrize("trained_head", [True, False])
+def test_nested_classification_head_both_ways(tmp_path, trained_head):
+    """RoBERTa's head is classifier.{dense,out_proj}; peft's SEQ_CLS claims "classifier" by itself (review:
+    peft crashed on our file, and we refused peft's)."""
+    ids = torch.randint(3, 50, (2, 6))
+    model = _roberta_classifier()
+    lk.apply_lora(model, target_modules=["query", "value"], r=2)
+    if trained_head:
+        for p in model.classifier.parameters():
+            p.requires_grad_(True)
+    with torch.no_grad():
+        model.classifier.dense.weight.add_(0.3)
+        _train_a_little(model)
+        expected = model(input_ids=ids).logits
+    lk.save_adapter(model, tmp_path / "ours", task_type="SEQ_CLS")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["modules_to_save"] == ["classifier"]
+    theirs = peft.PeftModel.from_pretrained(_roberta_classifier(), str(tmp_path / "ours")).eval()
+    ours = _roberta_classifier()
+    lk.load_adapter(ours, tmp_path / "ours")
+    with torch.no_grad():
+        for m in (ours, theirs):
+            assert (m(input_ids=ids).logits - expected).abs().max() < 1e-5
+    theirs.save_pretrained(tmp_path / "peft")
+    again = _roberta_classifier()
+    lk.load_adapter(again, tmp_path / "peft")
+    with torch.no_grad():
+        assert (again(input_ids=ids).logits - expected).abs().max() < 1e-5
+
+
+def test_saved_modules_never_go_into_tied_or_lora_layers(tmp_path):
+    model = tiny_llama()
+    lk.apply_lora(model, target_modules=["q_proj"], r=2)
+    model.lm_head.weight.requires_grad_(True)
+    lk.save_adapter(model, tmp_path / "head")
+    tied = tiny_llama()
+    tied.lm_head.weight = tied.model.embed_tokens.weight
+    before = tied.model.embed_tokens.weight.detach().clone()
+    with pytest.raises(ValueError, match="tied"):
+        lk.load_adapter(tied, tmp_path / "head")
+    assert torch.equal(tied.model.embed_tokens.weight, before) and not lk.lora_modules(tied)
+    lorad = tiny_llama()
+    lk.apply_lora(lorad, target_modules=["lm_head"], r=2, exclude=())
+    with pytest.raises(ValueError, match="LoRA layer 'lm_head'"):
+        lk.load_adapter(lorad, tmp_path / "head")
+    seq = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(
+        vocab_size=61, hidden_size=48, intermediate_size=84, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_labels=3, pad_token_id=0))
+    lk.apply_lora(seq, r=2, exclude=())  # "all-linear" adapted score too
+    with pytest.raises(ValueError, match="'score'.*holds LoRA layers"):
+        lk.save_adapter(seq, tmp_path / "seq", task_type="SEQ_CLS")

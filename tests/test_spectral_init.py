@@ -461,11 +461,15 @@ def test_lora_ga_with_bf16_adapters_keeps_the_fp32_base_exact():
         assert rel_err(total, w0) < 1e-6  # was ~1e-4: the offset came from the unrounded factors
 
 
-def test_pissa_then_lora_ga_records_the_net_offset_only():
+@pytest.mark.parametrize("weight_scale", [1.0, 1000.0])
+def test_pissa_then_lora_ga_records_the_net_offset_only(weight_scale):
     """LoRA-GA after PiSSA undoes PiSSA's offset and adds its own: the record is rank r, not 3r, and still
-    gives back the original weight (save_adapter writes rank r + r, not r + 3r)."""
+    gives back the original weight (save_adapter writes rank r + r, not r + 3r). A large weight makes the
+    cancelled PiSSA part 1000x the LoRA-GA part: its rounding must not hide the LoRA-GA directions."""
     torch.manual_seed(0)
     lin = nn.Linear(20, 16)
+    with torch.no_grad():
+        lin.weight.mul_(weight_scale)
     W0 = lin.weight.detach().clone()
     model = nn.Sequential(lk.LoRALinear.from_linear(lin, r=4, init="pissa"), nn.Tanh())
     batches = [(torch.randn(5, 20), torch.randn(5, 16)) for _ in range(2)]
@@ -474,3 +478,9 @@ def test_pissa_then_lora_ga_records_the_net_offset_only():
     layer = model[0]
     assert layer.base_offset_A.shape == (4, 20) and layer.base_offset_B.shape == (16, 4)
     assert rel_err(layer.weight + layer.base_offset_B @ layer.base_offset_A, W0) < 1e-6
+
+
+def test_an_offset_undone_exactly_leaves_no_record():
+    layer = lk.LoRALinear(10, 8, r=2, init="pissa")
+    layer.record_base_offset(layer.lora_A, -layer.lora_B)
+    assert layer.base_offset_A is None and layer.base_offset_B is None
