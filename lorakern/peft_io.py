@@ -31,8 +31,11 @@ def _adapters_to_save(m: LoRALinear, original_base: bool) -> tuple[torch.Tensor,
     adds its recorded offset, [A; A0] and [B, -B0] at rank r + k with alpha such that the scaling is kept,
     so that the file applies to the original base weight (peft's conversion for PiSSA / OLoRA)."""
     A, B = m.lora_A.detach(), m.lora_B.detach()
-    if not original_base or m.base_offset_A is None or m.scaling == 0:
+    if not original_base or m.base_offset_A is None:
         return A, B, m.r, m.alpha
+    if m.scaling == 0:
+        raise ValueError("save_adapter: a layer whose init changed its base weight has scaling 0 (alpha = 0), so "
+                         "no adapter can carry that change for the original base; use original_base=False")
     A = torch.cat([A, m.base_offset_A.to(A.dtype)], dim=0)
     B = torch.cat([B, (-m.base_offset_B / m.scaling).to(B.dtype)], dim=1)  # the offset holds its scaling
     r = A.shape[0]
@@ -135,9 +138,9 @@ def _claimed_by_peft(model: nn.Module, names: list[str]) -> dict[str, nn.Module]
     hits = {n: m for n, m in hits.items() if not any(n.startswith(o + ".") for o in hits)}
     for n, m in hits.items():
         if any(isinstance(x, LoRALinear) for x in m.modules()):
-            raise ValueError(f"save_adapter: peft would treat {n!r} as a module to save (modules_to_save / the "
-                             f"task type's {names}), but it holds LoRA layers; leave it out of apply_lora "
-                             f"(exclude=...) or save with another task_type")
+            raise ValueError(f"save_adapter: peft would treat {n!r} as a module to save (its name ends with one of "
+                             f"{names}: the trained modules and the task type's), but it holds LoRA layers; "
+                             f"freeze that module, leave it out of apply_lora (exclude=...) or change task_type")
     return hits
 
 
@@ -266,6 +269,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_dtype: torch
             bad.append(key)
     if bad:
         raise ValueError(f"load_adapter: unsupported keys in {path}: {bad[:5]}")
+    both = sorted({k.rpartition(".")[0] for k in extra} & set(pairs))
+    if both:  # peft ignores such a pair; loading both would add the adapter to a replaced base
+        raise ValueError(f"load_adapter: {path} has both LoRA weights and saved-module weights for {both[:5]}")
     if not pairs:
         raise ValueError(f"load_adapter: {path} holds no LoRA weights")
 
