@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakern import init as lora_init
-from lorakern.ops.lora_linear import _MAX_DROPOUT_P, lora_linear
+from lorakern.ops.lora_linear import _MAX_DROPOUT_P, apply_checked, lora_linear
 
 
 def _check_float(value: object, name: str, low: float, high: float | None = None, high_open=False) -> float:
@@ -246,7 +246,11 @@ class LoRALinear(nn.Linear):
         if self.merged:
             return F.linear(x, w, b)
         p = self.dropout if self.training else 0.0
-        return lora_linear(x, w, b, self.lora_A, self.lora_B, self.scaling, p)
+        A, B = self.lora_A, self.lora_B
+        if (A.device != w.device or B.dtype != A.dtype or not A.is_floating_point() or A.shape[0] != B.shape[1]
+                or not 0.0 <= p <= _MAX_DROPOUT_P):  # a parameter or attribute changed after construction
+            return lora_linear(x, w, b, A, B, self.scaling, p)  # the full checks and their messages
+        return apply_checked(x, w, b, A, B, self.scaling, p)  # forward() has checked x against the weight
 
     # -- merging ---------------------------------------------------------------------------------------
     def delta_weight(self) -> torch.Tensor:

@@ -63,3 +63,13 @@ def test_e2e_step_small_writes_json_for_every_variant(tmp_path):
     assert rows["lk-padamw"]["trainable_params"] == rows["peft"]["trainable_params"] > 0
     first = rows["frozen"]["first_loss"]
     assert all(abs(row["first_loss"] - first) <= 1e-3 * abs(first) for row in rows.values())
+
+
+def test_host_overhead_script_runs(tmp_path):
+    out = tmp_path / "host.json"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "host_overhead.py"), "--iters", "20", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
+    assert {"nn.Linear", "lk torch", "lk C++", "lk triton*"} <= set(rows)
+    assert all(r["host_us"] > 0 for r in rows.values())

@@ -195,7 +195,12 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: floa
     if (isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float))
             or not 0.0 <= dropout_p <= _MAX_DROPOUT_P):
         raise ValueError(f"dropout_p must be a number in [0, 1) (at most 1 - 2**-24), got {dropout_p!r}")
-    dropout_p = float(dropout_p)
+    return apply_checked(x, weight, bias, lora_A, lora_B, scaling, float(dropout_p), generator)
+
+
+def apply_checked(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, generator=None):
+    """lora_linear without the argument checks, for callers that have made them (LoRALinear checks x, and
+    its own parameters are consistent by construction): ~10 us less host time per call."""
     if torch._C._are_functorch_transforms_active():
         # torch.func (grad, vmap, jacrev: per-sample gradients) cannot see through the autograd.Function and
         # its kernels; the same formula in differentiable torch ops can

@@ -321,7 +321,8 @@ def _bucket(m: int) -> int:
 
 
 def _block_r(r: int, cap: int) -> int:
-    return min(max(16, triton.next_power_of_2(r)), cap)
+    # plain ints: triton.next_power_of_2 is a jit-callable costing ~5 us per host call (4 calls a step)
+    return min(max(16, 1 << max(r - 1, 0).bit_length()), cap)
 
 
 def _precisions(x_dtype: torch.dtype) -> tuple[str, str]:
@@ -380,10 +381,13 @@ def _forward_impl(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: fl
     y = _empty((M, N), device=x.device, dtype=x.dtype)
     seed_v = _seed_value(seed, dropout_p)
     br = _block_r(R, 64)
+    # stride tuples read once: each Tensor.stride(i) call is ~0.25 us and a step made ~44 of them
+    (sxm, sxk), (sam, sak), (sbn, sbr), (sym, syn), (sqm, sqr) = (x.stride(), lora_A.stride(), lora_B.stride(),
+                                                                 y.stride(), xa.stride())
     with _device_guard(x.device):
         _xa_launch[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, br))](
             x, lora_A, xa, M, K, R, _bucket(M),
-            x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), xa.stride(0), xa.stride(1),
+            sxm, sxk, sam, sak, sqm, sqr,
             float(dropout_p), seed_v,
             HAS_DROPOUT=dropout_p > 0.0, LORA_FP32=_lora_fp32(x.dtype, lora_A.dtype), PRECISION=lora_prec,
             BLOCK_R=br, **_XA_META)
@@ -392,8 +396,8 @@ def _forward_impl(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: fl
             torch.addmm(bias, x, weight.t(), out=y) if bias is not None else torch.mm(x, weight.t(), out=y)
         _gemm_launch[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)](
             x, weight, bias if bias is not None else y, xa, lora_B, y, y, xa, M, N, 0 if cublas else K, R,
-            _bucket(M), x.stride(0), x.stride(1), weight.stride(1), weight.stride(0), xa.stride(0), xa.stride(1),
-            lora_B.stride(1), lora_B.stride(0), y.stride(0), y.stride(1), 0, 0, 0, 0,
+            _bucket(M), sxm, sxk, weight.stride(1), weight.stride(0), sqm, sqr,
+            sbr, sbn, sym, syn, 0, 0, 0, 0,
             bias.stride(0) if bias is not None else 0, float(scaling), 0.0, 0,
             HAS_GEMM=True, ACC_OUT=cublas, HAS_BIAS=bias is not None and not cublas, DROP_EPILOGUE=False,
             GRAD_Q=False, UPCAST=_INTERPRET,
@@ -415,13 +419,13 @@ def _backward_impl(grad_y, x, xa, weight, lora_A, lora_B, scaling: float, dropou
     dB = torch.zeros((N, R), device=dev, dtype=torch.float32) if need_dB else xa
     dx = _empty((M, K), device=dev, dtype=grad_y.dtype) if need_dx else None
     dA = torch.zeros((R, K), device=dev, dtype=torch.float32) if need_dA else None
+    sg, sb, sq, sd, sdb = grad_y.stride(), lora_B.stride(), xa.stride(), dxa.stride(), dB.stride()
     with _device_guard(dev):
         if need_dxa or need_dB:
             br = _block_r(R, 64)
             _dy_pass_launch[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, br))](
                 grad_y, lora_B, xa, dxa, dB, M, N, R, _bucket(M),
-                grad_y.stride(0), grad_y.stride(1), lora_B.stride(0), lora_B.stride(1), xa.stride(0),
-                xa.stride(1), dxa.stride(0), dxa.stride(1), dB.stride(0), dB.stride(1), float(scaling),
+                sg[0], sg[1], sb[0], sb[1], sq[0], sq[1], sd[0], sd[1], sdb[0], sdb[1], float(scaling),
                 NEED_DXA=need_dxa, NEED_DB=need_dB, LORA_FP32=_lora_fp32(grad_y.dtype, lora_A.dtype),
                 PRECISION=lora_prec, BLOCK_R=br, **_DY_META)
         if need_dxa:
@@ -429,11 +433,10 @@ def _backward_impl(grad_y, x, xa, weight, lora_A, lora_B, scaling: float, dropou
             cublas = need_dx and base_gemm() == "cublas"
             if cublas:
                 torch.mm(grad_y, weight, out=dx)
+            sw, sa, so, sx, sdq = weight.stride(), lora_A.stride(), out.stride(), x.stride(), dq.stride()
             _gemm_launch[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)](
                 grad_y, weight, dxa, dxa, lora_A, out, x, dq, M, K, 0 if cublas else N, R, _bucket(M),
-                grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1), dxa.stride(0),
-                dxa.stride(1), lora_A.stride(0), lora_A.stride(1), out.stride(0), out.stride(1),
-                x.stride(0), x.stride(1), dq.stride(0), dq.stride(1), 0,
+                sg[0], sg[1], sw[0], sw[1], sd[0], sd[1], sa[0], sa[1], so[0], so[1], sx[0], sx[1], sdq[0], sdq[1], 0,
                 float(scaling), float(dropout_p), _seed_value(seed, dropout_p),
                 HAS_GEMM=need_dx, ACC_OUT=cublas, HAS_BIAS=False, DROP_EPILOGUE=dropout_p > 0.0, GRAD_Q=need_dA,
                 UPCAST=_INTERPRET, PRECISION=prec, LORA_PRECISION=lora_prec, BLOCK_R=_block_r(R, 32),
