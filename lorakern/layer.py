@@ -217,6 +217,10 @@ class LoRALinear(nn.Linear):
                 setattr(self, name, None if value is None else
                         value.detach().to(self.weight.device, torch.promote_types(value.dtype, torch.float32)).clone())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        for name in ("base_offset_A", "base_offset_B"):  # load_state_dict(assign=True) takes the dict's tensor
+            value = getattr(self, name)
+            if value is not None and value.dtype not in (torch.float32, torch.float64):
+                setattr(self, name, value.float())
 
     # -- forward ---------------------------------------------------------------------------------------
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # nn.Linear's argument name, so input= works

@@ -491,3 +491,11 @@ def test_torch_func_vmap_with_dropout_draws_per_sample_masks():
     g = vmap(grad(loss), in_dims=(None, 0), randomness="different")(params, X)
     assert g["lora_A"].shape == (4, 2, 6) and torch.isfinite(g["lora_A"]).all()
     assert not torch.equal(g["lora_A"][0], g["lora_A"][1]) or not torch.equal(g["lora_A"][1], g["lora_A"][2])
+
+
+def test_offsets_stay_wide_under_assign_loading():
+    src = nn.Sequential(lk.LoRALinear(10, 8, r=2, init="pissa"))
+    sd = {k: (v.to(torch.bfloat16) if "base_offset" in k else v) for k, v in src.state_dict().items()}
+    dst = nn.Sequential(lk.LoRALinear(10, 8, r=2))
+    dst.load_state_dict(sd, assign=True)
+    assert dst[0].base_offset_A.dtype == torch.float32 and dst[0].base_offset_B.dtype == torch.float32
