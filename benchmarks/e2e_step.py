@@ -29,9 +29,9 @@ from __future__ import annotations
 import argparse
 import gc
 from _report import print_table, save_json  # benchmarks/ is the script folder, on sys.path
+from _timing import elapsed_ms
 import statistics
 import sys
-import time
 
 import torch
 
@@ -114,17 +114,7 @@ def timed_steps(step, device: torch.device, warmup: int, iters: int) -> tuple[li
         step()
     times = []
     for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
+        times.append(elapsed_ms(step, device))
     return times, first_loss
 
 

@@ -24,9 +24,9 @@ from __future__ import annotations
 import argparse
 import gc
 from _report import print_table, save_json  # benchmarks/ is the script folder, on sys.path
+from _timing import elapsed_ms
 import statistics
 import sys
-import time
 
 import torch
 from torch import nn
@@ -140,18 +140,7 @@ def timed(fn, setup, device: torch.device, warmup: int, iters: int) -> float:
     times = []
     for _ in range(iters):
         setup()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        times.append(elapsed_ms(fn, device))
     return statistics.median(times)
 
 
