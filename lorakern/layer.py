@@ -252,6 +252,8 @@ class LoRALinear(nn.Linear):
         p = self.dropout if self.training else 0.0
         A, B = self.lora_A, self.lora_B
         if (A.device != w.device or B.dtype != A.dtype or not A.is_floating_point() or A.shape[0] != B.shape[1]
+                or A.shape[1] != w.shape[1] or B.shape[0] != w.shape[0] or w.shape[1] != x.shape[-1]
+                or (b is not None and (b.shape != (w.shape[0],) or b.dtype != x.dtype))
                 or not 0.0 <= p <= _MAX_DROPOUT_P):  # a parameter or attribute changed after construction
             return lora_linear(x, w, b, A, B, self.scaling, p)  # the full checks and their messages
         return apply_checked(x, w, b, A, B, self.scaling, p)  # forward() has checked x against the weight

@@ -499,3 +499,14 @@ def test_offsets_stay_wide_under_assign_loading():
     dst = nn.Sequential(lk.LoRALinear(10, 8, r=2))
     dst.load_state_dict(sd, assign=True)
     assert dst[0].base_offset_A.dtype == torch.float32 and dst[0].base_offset_B.dtype == torch.float32
+
+
+def test_parameters_replaced_after_construction_get_the_full_checks():
+    layer = lk.LoRALinear(12, 10, r=2)
+    layer.lora_A = nn.Parameter(torch.randn(3, 12))  # rank no longer matches lora_B
+    with pytest.raises(ValueError, match="shape mismatch"):
+        layer(torch.randn(4, 12))
+    layer = lk.LoRALinear(12, 10, r=2)
+    layer.weight = nn.Parameter(torch.randn(10, 11), requires_grad=False)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        layer(torch.randn(4, 12))
