@@ -73,3 +73,12 @@ def test_host_overhead_script_runs(tmp_path):
     rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
     assert {"nn.Linear", "lk torch", "lk C++", "lk triton*"} <= set(rows)
     assert all(r["host_us"] > 0 for r in rows.values())
+
+
+def test_gpu_session_script_knows_its_stages(tmp_path):
+    """The one-call GPU script (run only on a lent GPU) at least parses and refuses an unknown stage."""
+    script = os.path.join(ROOT, "benchmarks", "gpu_session.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    proc = subprocess.run(["bash", script, "nope"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "OUT": str(tmp_path)})
+    assert proc.returncode == 2 and "unknown stage nope" in proc.stdout
