@@ -139,6 +139,7 @@ class GradientCapture:
         self.model, self.layers, self.batches, self.loss_fn = model, layers, batches, loss_fn
         self.seed, self.progress = seed, progress
         self.switch = _Switch()
+        self._own: set[int] | None = None
         self.states = {n: _LayerState(self.switch) for n in layers}
         self.n_batches = 0
         self.first_losses: list[float] | None = None
@@ -194,7 +195,9 @@ class GradientCapture:
     def _leaves_outside_model(self, loss: torch.Tensor) -> list[tuple]:
         """(leaf, its .grad, a copy of the .grad's values) for every leaf of loss's graph that is not a
         parameter of the model (leaves inside a reentrant checkpoint are not visible here)."""
-        own = {id(p) for p in self.model.parameters()}
+        if self._own is None:  # the model's parameters do not change during a capture
+            self._own = {id(p) for p in self.model.parameters()}
+        own = self._own
         out, seen = [], set()
         todo = [loss.grad_fn] if loss.grad_fn is not None else []
         while todo:

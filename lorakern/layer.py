@@ -134,7 +134,7 @@ class LoRALinear(nn.Linear):
         if hasattr(self, "lora_A"):  # nn.Linear.__init__ calls this before the adapter exists
             self.merged = False
             self.base_offset_A = self.base_offset_B = None  # a new weight: no init has touched it yet
-            init, kw = self._init
+            init, kw = getattr(self, "_init", ("lora", {}))  # (a layer pickled by an older version has none)
             self.reset_lora_parameters(init, **kw)
 
     def reset_lora_parameters(self, init: str | Callable = "lora", **kw) -> None:
