@@ -87,6 +87,12 @@ def run_cli(main, doc: str) -> None:
     main(quick=args.quick, out=args.out)
 
 
+def begin(title: str, quick: bool) -> float:
+    """The start of every script's main: its title printed; returns the start time for finish()."""
+    print(title + (" [quick]" if quick else ""))
+    return time.perf_counter()
+
+
 def finish(res: dict, plot_path, start: float, name: str) -> dict:
     """The end of every script's main: the figure's path and the wall time go into the results, printed."""
     res["plot"] = plot_path

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lorakern as lk  # noqa: E402
 from lorakern import theory  # noqa: E402
-from _common import finish, print_table, pyplot, save_figure, run_cli  # noqa: E402
+from _common import begin, finish, print_table, pyplot, save_figure, run_cli  # noqa: E402
 
 F64 = torch.float64
 
@@ -185,9 +184,8 @@ def plot(res: dict, out=None):
 # -- main ----------------------------------------------------------------------------------------------------------
 
 def main(quick: bool = False, out=None) -> dict:
-    start = time.perf_counter()
+    start = begin("lora-gd-convergence-rate.txt (Mu & Klabjan): synthetic reproductions", quick)
     gen = torch.Generator().manual_seed(0)
-    print("lora-gd-convergence-rate.txt (Mu & Klabjan): synthetic reproductions" + (" [quick]" if quick else ""))
     prob = least_squares_problem(20, 15, 200, gen)
     T = 300 if quick else 3000
     short = 100 if quick else 1000

@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lorakern as lk  # noqa: E402
-from _common import finish, print_table, pyplot, save_figure, torch_threads, run_cli  # noqa: E402
+from _common import begin, finish, print_table, pyplot, save_figure, torch_threads, run_cli  # noqa: E402
 import _lora_one_linear as lin  # noqa: E402
 
 F64 = torch.float64
@@ -283,9 +282,8 @@ def plot(res: dict, out=None):
 # -- main ----------------------------------------------------------------------------------------------------------
 
 def main(quick: bool = False, out=None) -> dict:
-    start = time.perf_counter()
+    start = begin("lora-one.txt (LoRA-One): synthetic reproductions on the linear task (3)", quick)
     gen = torch.Generator().manual_seed(0)
-    print("lora-one.txt (LoRA-One): synthetic reproductions on the linear task (3)" + (" [quick]" if quick else ""))
     with torch_threads(1):
         f2 = fig2_alignment([50, 200] if quick else [100], [1.0, 1e-2, 1e-4] if quick else
                             [1.0, 0.1, 1e-2, 1e-3, 1e-4], steps=600 if quick else 1500, gen=gen)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -33,7 +32,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lorakern as lk  # noqa: E402
-from _common import finish, print_table, pyplot, save_figure, torch_threads, run_cli  # noqa: E402
+from _common import begin, finish, print_table, pyplot, save_figure, torch_threads, run_cli  # noqa: E402
 
 METHODS = ("Full FT", "LoRA", "LoRA-One", "LoRA-One-P", "NoRA")
 RANK, ALPHA, S = 4, 16.0, 16.0
@@ -146,9 +145,7 @@ def plot(res: dict, main_lr: float, out=None):
 
 
 def main(quick: bool = False, out=None) -> dict:
-    start = time.perf_counter()
-    print("lora-one.txt Fig. 1(c) on scikit-learn digits: pre-train on odd, fine-tune on even"
-          + (" [quick]" if quick else ""))
+    start = begin("lora-one.txt Fig. 1(c) on scikit-learn digits: pre-train on odd, fine-tune on even", quick)
     seeds, lrs, steps = ([0], [5e-3], 60) if quick else ([0, 1, 2], [5e-4, 2e-3, 5e-3], 200)
     main_lr = 5e-3
     with torch_threads(1):

@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lorakern as lk  # noqa: E402
-from _common import finish, print_table, pyplot, save_figure, torch_threads, run_cli  # noqa: E402
+from _common import begin, finish, print_table, pyplot, save_figure, torch_threads, run_cli  # noqa: E402
 
 F64 = torch.float64
 EP_SPECTRUM = [1.0 - 0.01 * i for i in range(19)] + [0.01]        # {1.0, 0.99, ..., 0.82, 0.01}, App. 10.1
@@ -249,10 +248,8 @@ def plot(res: dict, out=None):
 # -- main ----------------------------------------------------------------------------------------------------------------
 
 def main(quick: bool = False, out=None) -> dict:
-    start = time.perf_counter()
+    start = begin("nystrom-init-nora.txt (Li et al.): Fig. 1 with lk.init.nystrom + lk.optim.ScaledGD", quick)
     gen = torch.Generator().manual_seed(0)
-    print("nystrom-init-nora.txt (Li et al.): Fig. 1 with lk.init.nystrom + lk.optim.ScaledGD" +
-          (" [quick]" if quick else ""))
     m = 200 if quick else 1000
     with torch_threads(1):
         ep = Target(m, EP_SPECTRUM, gen)

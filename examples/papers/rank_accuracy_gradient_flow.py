@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lorakern as lk  # noqa: E402
 from lorakern import theory  # noqa: E402
-from _common import finish, print_table, pyplot, save_figure, run_cli  # noqa: E402
+from _common import begin, finish, print_table, pyplot, save_figure, run_cli  # noqa: E402
 
 F64 = torch.float64
 
@@ -339,10 +338,8 @@ def plot(res: dict, out=None):
 # -- main ----------------------------------------------------------------------------------------------------------
 
 def main(quick: bool = False, out=None) -> dict:
-    start = time.perf_counter()
+    start = begin("rank-accuracy-gradient-flow.txt (Rushka & Klabjan): synthetic reproductions", quick)
     gen = torch.Generator().manual_seed(0)
-    print("rank-accuracy-gradient-flow.txt (Rushka & Klabjan): synthetic reproductions"
-          + (" [quick]" if quick else ""))
     a1 = closed_form_vs_ode(n=12, r=3, t_end=1.5 if quick else 3.0, h=4e-3 if quick else 1e-3, gen=gen)
     print_table("A1  closed-form trace-squared flow (28)-(29), (313) vs RK4 on the layer's autograd gradient "
                 "(n = 12, r = 3, sigma = 0.5)",
