@@ -41,6 +41,7 @@ setup(
     version="0.1.0",
     description="Triton/CUDA-accelerated LoRA for PyTorch: fused kernels, LoRA-One init, preconditioned optimizers",
     packages=find_packages(include=["lorakern", "lorakern.*"]),
+    package_data={"lorakern.ops": ["dispatch_table.json"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "safetensors>=0.4"],
     extras_require={"hf": ["transformers>=4.45", "peft>=0.13"], "triton": ["triton>=3.0"]},

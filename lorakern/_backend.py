@@ -1,19 +1,29 @@
 """Which implementations exist on this machine, and which one the LoRA ops use.
 
 "auto" picks the fastest correct path for the device: the C++ extension on the CPU (plain torch when it is
-not built), the Triton kernels on CUDA. "torch" forces the pure-PyTorch reference; "triton" forces the
+not built); on CUDA the design measured fastest for the layer's case (lorakern.ops.dispatch: the cuBLAS
+path unless a measurement says otherwise). "torch" forces the pure-PyTorch reference; "triton" forces the
 kernels, which on the CPU needs TRITON_INTERPRET=1 in the environment before triton is first imported
-(that is how CI tests them; tests/conftest.py sets it). The choice comes from `set_backend` or, at first
-use, the environment variable LORAKERN_BACKEND.
+(that is how CI tests them; tests/conftest.py sets it).
+
+Settings are resolved once into one object (`settings()`): the backend (`set_backend` or, at first use,
+LORAKERN_BACKEND) and the design (`set_design` or LORAKERN_DESIGN; the older LORAKERN_BASE_GEMM=cublas|triton
+still means hybrid|fused). Nothing reads the environment on the hot path.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
 import torch
 
 BACKEND_NAMES = ("auto", "torch", "triton")
+# How a CUDA layer runs (lorakern.ops.dispatch): "cublas" = torch GEMMs + the LoRA terms as small GEMMs,
+# "hybrid" = cuBLAS base GEMM + Triton rank-r passes, "fused" = the Triton GEMM with the rank-r term fused;
+# "auto" = the measured choice.
+DESIGN_NAMES = ("auto", "cublas", "hybrid", "fused")
+_LEGACY_BASE_GEMM = {"cublas": "hybrid", "triton": "fused"}
 
 try:  # the compiled extension; importing it registers torch.ops.lorakern.*
     from lorakern import _C  # type: ignore[attr-defined]
@@ -23,7 +33,13 @@ except ImportError as _exc:  # a source checkout that was never built: the torch
 else:
     _C_IMPORT_ERROR = None
 
-_backend: str | None = None
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    backend: str  # one of BACKEND_NAMES
+    design: str   # one of DESIGN_NAMES
+
+
+_settings: Settings | None = None
 
 
 def interpreting() -> bool:
@@ -73,17 +89,51 @@ def _validate(name: object, source: str) -> str:
     return name
 
 
+def _validate_design(name: object, source: str) -> str:
+    if not isinstance(name, str) or name.lower() not in DESIGN_NAMES:
+        raise ValueError(f"{source} must be one of {DESIGN_NAMES}, got {name!r}")
+    return name.lower()
+
+
+def _from_environment() -> Settings:
+    backend = _validate(os.environ.get("LORAKERN_BACKEND", "auto"), "LORAKERN_BACKEND")
+    design = os.environ.get("LORAKERN_DESIGN")
+    if design is None and "LORAKERN_BASE_GEMM" in os.environ:
+        legacy = os.environ["LORAKERN_BASE_GEMM"].lower()
+        if legacy not in _LEGACY_BASE_GEMM:
+            raise ValueError(f"LORAKERN_BASE_GEMM must be one of {tuple(_LEGACY_BASE_GEMM)}, got {legacy!r} "
+                             f"(prefer LORAKERN_DESIGN, one of {DESIGN_NAMES})")
+        design = _LEGACY_BASE_GEMM[legacy]
+    return Settings(backend, _validate_design(design or "auto", "LORAKERN_DESIGN"))
+
+
+def settings() -> Settings:
+    """The settings in force, resolved from the environment at first use."""
+    global _settings
+    if _settings is None:
+        _settings = _from_environment()
+    return _settings
+
+
 def set_backend(name: str) -> None:
     """Select "auto", "torch" or "triton" for every LoRA op that runs afterwards."""
-    global _backend
-    _backend = _validate(name, "backend")
+    global _settings
+    _settings = dataclasses.replace(settings(), backend=_validate(name, "backend"))
 
 
 def get_backend() -> str:
-    global _backend
-    if _backend is None:
-        _backend = _validate(os.environ.get("LORAKERN_BACKEND", "auto"), "LORAKERN_BACKEND")
-    return _backend
+    return settings().backend
+
+
+def set_design(name: str) -> None:
+    """Select how CUDA layers run: "auto" (measured dispatch), "cublas", "hybrid" or "fused". With the "triton"
+    backend, "auto" and "cublas" mean "fused" (the kernels are what was asked for)."""
+    global _settings
+    _settings = dataclasses.replace(settings(), design=_validate_design(name, "design"))
+
+
+def get_design() -> str:
+    return settings().design
 
 
 def resolve(device: torch.device) -> str:

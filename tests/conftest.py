@@ -26,9 +26,9 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.fixture(autouse=True)
 def _seed_and_restore_backend():
     torch.manual_seed(0)
-    saved = _backend._backend
+    saved = _backend._settings
     yield
-    _backend._backend = saved
+    _backend._settings = saved
 
 
 @pytest.fixture(params=["cpp", "torch"])

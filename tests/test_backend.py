@@ -39,9 +39,9 @@ def test_triton_on_the_cpu_needs_the_interpreter(monkeypatch):
 
 def test_environment_variable(monkeypatch):
     monkeypatch.setenv("LORAKERN_BACKEND", "torch")
-    _backend._backend = None
+    _backend._settings = None
     assert lk.get_backend() == "torch"
     monkeypatch.setenv("LORAKERN_BACKEND", "fast")
-    _backend._backend = None
+    _backend._settings = None
     with pytest.raises(ValueError, match="LORAKERN_BACKEND must be one of"):
         lk.get_backend()

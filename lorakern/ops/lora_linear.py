@@ -1,9 +1,11 @@
 """The LoRA linear operation y = x W^T + b + s * (drop(x) A^T) B^T and its autograd.Function.
 
-Three implementations of the same pair of functions (forward -> (y, xa), backward -> (dx, dA, dB)):
-- triton: the fused kernels of lora_linear_triton.py (the CUDA path; the CPU interpreter in tests);
+Implementations with one interface (`_TorchImpl` documents it), each owning its dropout:
+- triton: the kernels of lora_linear_triton.py in the "hybrid" or "fused" design (CUDA; the CPU interpreter
+  in tests), chosen per case by measured dispatch (lorakern.ops.dispatch);
 - cpp:    torch.ops.lorakern.lora_forward/lora_backward from csrc/lora_cpu.cpp (the CPU path);
-- torch:  plain PyTorch (the reference, and the fallback for dtypes the kernels do not take, e.g. float64).
+- torch:  plain PyTorch: the reference, the "cublas" design on CUDA (what runs without a measurement), and
+  the fallback for dtypes the kernels do not take (e.g. float64) or kernels that failed to compile.
 
 The backward saves what it needs and nothing more: x_l = drop(x) (for dA) and xa = x_l A^T (for dB),
 never the (M, out) output. With dropout the torch/cpp paths also keep the mask as bool (1 byte/element);
@@ -19,6 +21,8 @@ from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from lorakern import _backend
+from lorakern._util import gpu_arch
+from lorakern.ops import dispatch
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _warned_fallback = False
@@ -59,10 +63,93 @@ def _backward_torch(grad_y, x_lora, xa, weight, lora_A, lora_B, scaling: float, 
     return dx, dA, dB
 
 
-def _impls(impl: str):
-    if impl == "cpp":
+class _TorchImpl:
+    """The plain-torch implementation ("cublas" on CUDA: torch GEMMs and the LoRA terms as small GEMMs).
+
+    Every implementation has this interface, and each owns its dropout: forward(x, weight, bias, lora_A,
+    lora_B, scaling, dropout_p, generator, needs) -> (y, saved tensors); backward(grad_y, saved, weight,
+    lora_A, lora_B, scaling, dropout_p, needs) -> (dx, dW, db, dA, dB), with needs = the autograd Function's
+    needs_input_grad for (x, weight, bias, lora_A, lora_B)."""
+    name = "torch"
+    case = None
+
+    @staticmethod
+    def _ops():
+        return _forward_torch, _backward_torch
+
+    def forward(self, x, weight, bias, lora_A, lora_B, scaling, dropout_p, generator, needs):
+        keep, x_lora = None, x
+        if dropout_p > 0.0:  # a 1-byte mask kept for backward
+            keep = torch.empty_like(x).bernoulli_(1.0 - dropout_p, generator=generator).bool()
+            x_lora = x * keep / (1.0 - dropout_p)
+        y, xa = self._ops()[0](x, weight, bias, x_lora, lora_A, lora_B, scaling)
+        # x itself only when the (normally frozen) base weight wants a gradient.
+        return y, (x_lora, xa, keep, x if needs[1] else None)
+
+    def backward(self, grad_y, saved, weight, lora_A, lora_B, scaling, dropout_p, needs):
+        x_lora, xa, keep, x = saved
+        need_dx, need_dW, need_db, need_dA, need_dB = needs
+        mask = keep.to(lora_A.dtype) / (1.0 - dropout_p) if keep is not None and need_dx else None
+        dx, dA, dB = self._ops()[1](grad_y, x_lora, xa, weight, lora_A, lora_B, scaling, mask,
+                                    need_dx, need_dA, need_dB)
+        return dx, _base_grad(grad_y, x, need_dW), _bias_grad(grad_y, need_db), dA, dB
+
+
+class _CppImpl(_TorchImpl):
+    """The C++ operators of csrc/lora_cpu.cpp (the CPU path), dropout as in the torch implementation."""
+    name = "cpp"
+
+    @staticmethod
+    def _ops():
         return torch.ops.lorakern.lora_forward, torch.ops.lorakern.lora_backward
-    return _forward_torch, _backward_torch
+
+
+class _TritonImpl:
+    """The Triton kernels, in the hybrid or the fused design, with the configs `tune` measured (or defaults).
+    Dropout from the device-side RNG state (lora_linear_triton.rng_state): x and a 2-element snapshot of the
+    state are saved, never a mask."""
+
+    def __init__(self, design: str, configs: dict | None = None, case=None):
+        self.name, self.hybrid, self.configs, self.case = design, design == "hybrid", configs, case
+
+    def forward(self, x, weight, bias, lora_A, lora_B, scaling, dropout_p, generator, needs):
+        kt = _triton_ops()
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        rng = kt.rng_state(x.device, generator) if dropout_p > 0.0 else None
+        grads = (needs[0], needs[3], needs[4])
+        if _direct_call(x, weight, bias, lora_A, lora_B):
+            y, xa, rng_call = kt.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, rng,
+                                         hybrid=self.hybrid, configs=self.configs, need_grads=grads)
+        else:
+            y, xa, rng_call = kt.forward_op(x, weight, bias, lora_A, lora_B, scaling, dropout_p, rng, self.hybrid,
+                                            *grads)
+        # x is saved once, for dA (with the call's mask) and, if the base is unfrozen, for dW.
+        return y, (x, xa, rng_call)
+
+    def backward(self, grad_y, saved, weight, lora_A, lora_B, scaling, dropout_p, needs):
+        x, xa, rng_call = saved
+        need_dx, need_dW, need_db, need_dA, need_dB = needs
+        kt = _triton_ops()
+        if _direct_call(grad_y, x, weight, lora_A, lora_B):
+            dx, dA, dB = kt.backward(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, rng_call,
+                                     need_dx, need_dA, need_dB, hybrid=self.hybrid, configs=self.configs)
+        else:
+            dx, dA, dB = kt.backward_op(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, rng_call,
+                                        need_dx, need_dA, need_dB, self.hybrid)
+        return dx, _base_grad(grad_y, x, need_dW), _bias_grad(grad_y, need_db), dA, dB
+
+
+def _base_grad(grad_y, x, need_dW: bool):
+    return grad_y.t() @ x if need_dW else None
+
+
+def _bias_grad(grad_y, need_db: bool):
+    return grad_y.sum(0) if need_db else None
+
+
+_TORCH, _CPP = _TorchImpl(), _CppImpl()
+_arch_cache: dict = {}
+_warned_failures: set = set()
 
 
 def _triton_ops():
@@ -71,7 +158,15 @@ def _triton_ops():
     return lora_linear_triton
 
 
-def _choose(x, lora_A) -> str:
+def _arch(device: torch.device) -> str:
+    arch = _arch_cache.get(device)
+    if arch is None:
+        arch = _arch_cache[device] = gpu_arch(device)
+    return arch
+
+
+def _choose(x, weight, lora_A, dropout_p: float):
+    """The implementation for this call: the backend in force, then on CUDA ("auto") the measured design."""
     impl = _backend.resolve(x.device)
     if impl == "triton" and (x.dtype not in _TRITON_DTYPES or lora_A.dtype not in _TRITON_DTYPES):
         global _warned_fallback
@@ -79,11 +174,49 @@ def _choose(x, lora_A) -> str:
             _warned_fallback = True
             warnings.warn(f"lorakern: the Triton kernels take float16/bfloat16/float32; x is {x.dtype} and the "
                           f"adapters {lora_A.dtype}, so this layer runs the plain torch implementation "
-                          f"(warned once)", stacklevel=4)
-        impl = "torch"
-    if impl == "triton" and x.shape[0] == 0:
-        impl = "torch"  # nothing to launch
-    return impl
+                          f"(warned once)", stacklevel=6)
+        return _TORCH
+    if impl == "cpp":
+        return _CPP
+    if impl != "triton" or x.shape[0] == 0:  # nothing to launch for an empty batch
+        return _TORCH
+    settings = _backend.settings()
+    design, case, configs = settings.design, None, None
+    if x.device.type == "cuda":
+        case, measured, configs = dispatch.design_for(
+            _arch(x.device), x.dtype, lora_A.dtype, x.shape[0], weight.shape[1], weight.shape[0], lora_A.shape[0],
+            dropout_p > 0.0, not dispatch.fp32_matmul_is_exact())
+        if dispatch.has_failed(case):
+            return _TORCH
+        if design == "auto" and settings.backend == "auto":
+            design = measured
+    if design == "cublas" and settings.backend == "auto":
+        return _TORCH
+    if design not in dispatch.TRITON_DESIGNS:  # the "triton" backend forces the kernels
+        design = "fused"
+    return _TritonImpl(design, configs, case)
+
+
+def _fall_back(impl, failure) -> None:
+    """A Triton kernel failed to compile: warn once per kernel and config, and run the cuBLAS path for that
+    case from now on."""
+    key = (failure.kernel, repr(sorted(failure.config.items())))
+    if key not in _warned_failures:
+        _warned_failures.add(key)
+        warnings.warn(f"lorakern: {failure}; the layer runs the cuBLAS/torch path instead (design {impl.name}; "
+                      f"`python -m lorakern check` tests every kernel)", stacklevel=6)
+    if impl.case is not None:
+        dispatch.mark_failed(impl.case)
+
+
+def _kernel_failure(exc: BaseException | None):
+    """The KernelFailure inside `exc` (the custom op may wrap it), or None."""
+    while exc is not None:
+        if type(exc).__name__ == "KernelFailure":
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
 
 
 def _direct_call(*tensors) -> bool:
@@ -95,13 +228,9 @@ def _direct_call(*tensors) -> bool:
             and all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors))
 
 
-def _dropout_seed(generator) -> torch.Tensor:
-    device = generator.device if generator is not None else "cpu"
-    return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64, generator=generator)
-
-
 class LoRALinearFunction(torch.autograd.Function):
-    """Autograd for the 2-D LoRA linear; `lora_linear` below handles leading dimensions.
+    """Autograd for the 2-D LoRA linear; `lora_linear` below handles leading dimensions. No per-backend
+    branches: the implementation chosen for the call (`_choose`) runs both directions.
 
     forward(x (M, in), weight (out, in), bias (out,) or None, lora_A (r, in), lora_B (out, r),
             scaling, dropout_p, generator) -> y (M, out)
@@ -109,55 +238,31 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, generator):
-        ctx.impl = impl = _choose(x, lora_A)
-        ctx.scaling = float(scaling)
-        ctx.dropout_p = dropout_p
-        ctx.has_bias = bias is not None
-        if impl == "triton":
-            seed = _dropout_seed(generator) if dropout_p > 0.0 else None
-            x = x if x.stride(-1) == 1 else x.contiguous()
-            kt = _triton_ops()
-            fwd = kt._forward_impl if _direct_call(x, weight, bias, lora_A, lora_B) else kt.forward
-            y, xa = fwd(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed)
-            # x is saved once, for dA (with the seed's mask) and, if the base is unfrozen, for dW.
-            ctx.save_for_backward(x, xa, weight, lora_A, lora_B, seed)
-            return y
-        fwd, _ = _impls(impl)
-        keep = None
-        if dropout_p > 0.0:
-            keep = torch.empty_like(x).bernoulli_(1.0 - dropout_p, generator=generator).bool()
-            x_lora = x * keep / (1.0 - dropout_p)
-        else:
-            x_lora = x
-        y, xa = fwd(x, weight, bias, x_lora, lora_A, lora_B, float(scaling))
-        # x itself only when the (normally frozen) base weight wants a gradient.
-        x_saved = x if ctx.needs_input_grad[1] else None
-        ctx.save_for_backward(x_lora, xa, weight, lora_A, lora_B, keep, x_saved)
+        impl = _choose(x, weight, lora_A, dropout_p)
+        needs = tuple(ctx.needs_input_grad[:5])
+        needs = needs[:2] + (needs[2] and bias is not None,) + needs[3:]
+        args = (x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), generator, needs)
+        try:
+            y, saved = impl.forward(*args)
+        except Exception as exc:
+            failure = _kernel_failure(exc)
+            if failure is None:
+                raise
+            _fall_back(impl, failure)
+            impl = _TORCH
+            y, saved = impl.forward(*args)
+        ctx.impl, ctx.scaling, ctx.dropout_p, ctx.needs = impl, float(scaling), float(dropout_p), needs
+        ctx.save_for_backward(weight, lora_A, lora_B, *saved)
         return y
 
     @staticmethod
     @once_differentiable  # double backward through dA/dB is not implemented: fail loudly, never silently wrong
     def backward(ctx, grad_y):
-        need_dx, need_dW, need_db, need_dA, need_dB = ctx.needs_input_grad[:5]
-        grad_y = grad_y.contiguous()
-        if ctx.impl == "triton":
-            x, xa, weight, lora_A, lora_B, seed = ctx.saved_tensors
-            kt = _triton_ops()
-            bwd = kt._backward_impl if _direct_call(grad_y, x, weight, lora_A, lora_B) else kt.backward
-            dx, dA, dB = bwd(grad_y, x, xa, weight, lora_A, lora_B, ctx.scaling, float(ctx.dropout_p), seed,
-                             need_dx, need_dA, need_dB)
-            return (dx, grad_y.t() @ x if need_dW else None, grad_y.sum(0) if (need_db and ctx.has_bias) else None,
-                    dA, dB, None, None, None)
-        x_lora, xa, weight, lora_A, lora_B, keep, x = ctx.saved_tensors
-        _, bwd = _impls(ctx.impl)
-        mask = None
-        if keep is not None and need_dx:
-            mask = keep.to(lora_A.dtype) / (1.0 - ctx.dropout_p)
-        dx, dA, dB = bwd(grad_y, x_lora, xa, weight, lora_A, lora_B, ctx.scaling, mask,
-                         need_dx, need_dA, need_dB)
-        dW = grad_y.t() @ x if need_dW else None
-        db = grad_y.sum(0) if (need_db and ctx.has_bias) else None
-        return dx, dW, db, dA, dB, None, None, None
+        weight, lora_A, lora_B, *saved = ctx.saved_tensors
+        grads = ctx.impl.backward(grad_y.contiguous(), saved, weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p,
+                                  ctx.needs)
+        return (*grads, None, None, None)
+
 
 
 def _check_inputs(x, weight, bias, lora_A, lora_B) -> None:

@@ -1,39 +1,47 @@
 """Triton kernels for y = x W^T + b + s * (drop(x) A^T) B^T and its backward (W, b frozen).
 
 Forward, two launches:
-- `_xa_kernel`:  xa = drop(x) A^T, (M, r) in fp32. One read of x; the dropout mask comes from a Philox
-  seed and the element's index in x, so nothing but the seed is stored for backward.
-- `_gemm_lowrank_kernel`: y = x W^T + b + s * xa B^T, the base GEMM whose accumulator starts from the
-  rank-r product (a K=r MMA before the main loop), so y is written once (an unfused y.addmm_(xa, B^T) reads and writes y again: 2 x 64 MB at
-  M=8192, out=4096 bf16, ~40 us on an H100 against a ~380 us base GEMM).
-Backward, two launches (+ two memsets for the atomically reduced adapter gradients):
-- `_dy_pass_kernel`: one read of dY gives dxa = dY B (M, r) and dB += s * dY^T xa.
-- `_gemm_lowrank_kernel` again: dX = dY W + s * (dxa A) * keep / (1 - p), and in its epilogue
-  dA += s * dxa^T drop(x), from the x tile that lines up with the dX output tile: x is read once, while the
-  compute-bound GEMM runs (a separate dA pass would read x again: another ~20 us at M=8192, in=4096).
-Precision: accumulation is always fp32, and xa, dxa, dA, dB are kept in fp32. With fp32 adapters the
-skinny passes and the dA product upcast their tiles (tf32 unless the base is fp32 with tf32 disabled), so
-fp32 adapters train on a bf16 base without an fp32 copy of x; with adapters in the activation dtype they use
-that dtype's tensor cores. The rank-r term inside a GEMM epilogue runs in the GEMM's own dtype: it shares
-the accumulator, and rounding xa to bf16 there adds less error than rounding y to bf16.
+- `_xa_kernel`:  xa = drop(x) A^T, (M, r) in fp32. One read of x; the dropout mask comes from the device-side
+  RNG state (seed, counter) and the element's index in x, so nothing but a 2-element snapshot of the state is
+  stored for backward, and no host ever reads the seed (no sync; CUDA-graph safe).
+- `_gemm_lowrank_kernel`: y = x W^T + b + s * xa B^T, the base GEMM whose accumulator starts from the rank-r
+  product, so y is written once ("fused"); or, after cuBLAS wrote x W^T + b into y, only the rank-r term added
+  in place ("hybrid"). Its program 0 advances the RNG counter: every call draws a fresh mask, also on each
+  replay of a captured graph.
+Backward, four launches:
+- `_dy_pass_kernel`: one read of dY gives dxa = dY B (M, r) and, per row block, dY^T xa (a partial of dB).
+- `_gemm_lowrank_kernel` again: dX = dY W + s * (dxa A) * keep / (1 - p) and, from the x tile that lines up
+  with each dX tile, a partial of dA (x read once, while the compute-bound GEMM runs).
+- `_reduce_kernel` twice: dA, dB = s * the sum of their partials in a fixed order, cast to the adapter dtype.
+  No atomics: two runs give bitwise equal gradients, and no memset or cast launch is needed.
+Precision: accumulation is always fp32, and xa, dxa and the partials are fp32. With fp32 adapters the skinny
+passes and the dA product upcast their tiles (tf32 unless the base is fp32 with tf32 disabled), so fp32
+adapters train on a bf16 base without an fp32 copy of x. The rank-r term inside a GEMM runs in the GEMM's
+own dtype: it shares the accumulator, and rounding xa to bf16 there adds less error than rounding y to bf16.
+
+Launch configurations are explicit (no triton.autotune at run time, so a first call compiles one config per
+kernel): defaults below, or those `python -m lorakern tune` measured (lorakern.ops.dispatch). Every kernel of
+a new variant is compiled before the first launch; a compile failure raises `KernelFailure` naming the
+kernel and its config, and the caller falls back to the cuBLAS path.
 
 The kernels work on CUDA and, with TRITON_INTERPRET=1 set before this module is imported, on CPU tensors
 (how CI tests them). On the interpreter (triton 3.9) tl.dot on bfloat16 operands returns garbage, so
 `UPCAST` makes every dot fp32 there.
 
-Each entry point is a torch.library custom op with a fake implementation, so torch.compile treats it as
-one opaque node (no graph break, no tracing into Triton's launcher).
+Each entry point is a torch.library custom op with a fake implementation, so torch.compile treats it as one
+opaque node (no graph break, no tracing into Triton's launcher).
 """
 from __future__ import annotations
 
-import contextlib
-import os
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from lorakern import _backend
+from lorakern._util import device_guard, gpu_arch, next_pow2
+from lorakern.ops import dispatch
 
 _INTERPRET = _backend.interpreting()
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
@@ -43,15 +51,21 @@ _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 # Kernels
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _keep(seed, rows, col0, ncols, p_drop, BLOCK: tl.constexpr):
-    """The dropout keep-mask of x[rows, col0:col0+BLOCK] (x has ncols columns): the same bits in every kernel.
+def _keep(seed, ctr, rows, col0, ncols, p_drop, BLOCK: tl.constexpr):
+    """The dropout keep-mask of x[rows, col0:col0+BLOCK] (x has ncols columns) for the call counter `ctr`: the
+    same bits in every kernel. Philox counters: (element group lo, hi, call counter lo, hi), key = seed.
 
     One Philox call gives 4 numbers, used for 4 adjacent columns (col0 and BLOCK are multiples of 4): a
     quarter of the Philox work and of its live registers (the per-element form spilled ~9 KB/thread on the
     backward GEMM's 128x256 tile, benchmarks/compile_sm90.py)."""
     groups = col0 // 4 + tl.arange(0, BLOCK // 4)
     offs = rows.to(tl.int64)[:, None] * ((ncols + 3) // 4) + groups.to(tl.int64)[None, :]
-    r0, r1, r2, r3 = tl.randint4x(seed, offs)
+    lo = (offs & 0xFFFFFFFF).to(tl.uint32)
+    zero = lo * 0
+    hi = zero + (offs >> 32).to(tl.uint32)
+    c_lo = zero + (ctr & 0xFFFFFFFF).to(tl.uint32)
+    c_hi = zero + (ctr >> 32).to(tl.uint32)
+    r0, r1, r2, r3 = tl.philox(seed, lo, hi, c_lo, c_hi)
     bits = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (rows.shape[0], BLOCK))
     # uniform in [0, 1) from the top 24 bits, exact in fp32
     return (bits >> 8).to(tl.float32) * (1.0 / 16777216.0) >= p_drop
@@ -73,25 +87,40 @@ def _lowrank_dot(acc, P, Q, rm, rn, m_ok, n_ok, R, stride_pm, stride_pr, stride_
 
 
 @triton.jit
-def _xa_kernel(X, A, XA, M, K, R, M_BUCKET,
-               stride_xm, stride_xk, stride_ar, stride_ak, stride_om, stride_or,
-               p_drop, seed,
-               HAS_DROPOUT: tl.constexpr, LORA_FP32: tl.constexpr, PRECISION: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    """XA[M, R] = drop(X)[M, K] @ A[R, K]^T, grid (cdiv(M, BLOCK_M), cdiv(R, BLOCK_R))."""
+def _xa_kernel(
+        # tensors
+        X, A, XA, RNG, RNG_CALL,
+        # sizes
+        M, K, R,
+        # strides
+        stride_xm, stride_xk, stride_ar, stride_ak, stride_om, stride_or,
+        # scalars
+        p_drop,
+        # meta
+        HAS_DROPOUT: tl.constexpr, LORA_FP32: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """XA[M, R] = drop(X)[M, K] @ A[R, K]^T, grid (cdiv(M, BLOCK_M), cdiv(R, BLOCK_R)).
+
+    With dropout, the mask uses RNG = (seed, counter) and program (0, 0) copies that pair to RNG_CALL, the
+    snapshot the backward reads (the forward GEMM advances RNG's counter after this launch)."""
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     # int64 offsets: M x K passes 2^31 at ~150k tokens x 14336 (and M x N for a 128k-vocabulary head)
     rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     rk = tl.arange(0, BLOCK_K)
+    if HAS_DROPOUT:
+        seed = tl.load(RNG)
+        ctr = tl.load(RNG + 1)
+        two = tl.arange(0, 2)
+        tl.store(RNG_CALL + two, tl.load(RNG + two), mask=two < 2 - 2 * (pid_m + pid_r))  # program (0, 0) only
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         x = tl.load(X + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
                     mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
         if HAS_DROPOUT:
-            x = tl.where(_keep(seed, rm, k0, K, p_drop, BLOCK_K), x, 0.0)
+            x = tl.where(_keep(seed, ctr, rm, k0, K, p_drop, BLOCK_K), x, 0.0)
         a = tl.load(A + rr[None, :] * stride_ar + kk[:, None] * stride_ak,
                     mask=(rr[None, :] < R) & (kk[:, None] < K), other=0.0)
         if LORA_FP32:
@@ -105,16 +134,21 @@ def _xa_kernel(X, A, XA, M, K, R, M_BUCKET,
 
 
 @triton.jit
-def _dy_pass_kernel(G, B, XA, DXA, DB, M, N, R, M_BUCKET,
-                    stride_gm, stride_gn, stride_bn, stride_br, stride_am, stride_ar,
-                    stride_dm, stride_dr, stride_dbn, stride_dbr, scaling,
-                    NEED_DXA: tl.constexpr, NEED_DB: tl.constexpr,
-                    LORA_FP32: tl.constexpr, PRECISION: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    """One read of G = dY (M, N): DXA[M, R] = G @ B[N, R] (stored), DB[N, R] += scaling * G^T @ XA (atomic).
+def _dy_pass_kernel(
+        # tensors
+        G, B, XA, DXA, DB_PART,
+        # sizes
+        M, N, R,
+        # strides
+        stride_gm, stride_gn, stride_bn, stride_br, stride_am, stride_ar, stride_dm, stride_dr,
+        stride_ps, stride_pn, stride_pr,
+        # meta
+        NEED_DXA: tl.constexpr, NEED_DB: tl.constexpr, LORA_FP32: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One read of G = dY (M, N): DXA[M, R] = G @ B[N, R] and DB_PART[pid_m] = G[rows]^T @ XA[rows] (N, R).
 
-    grid (cdiv(M, BLOCK_M), cdiv(R, BLOCK_R)); each program owns BLOCK_M rows and sweeps all N columns.
-    """
+    grid (cdiv(M, BLOCK_M), cdiv(R, BLOCK_R)); each program owns BLOCK_M rows, sweeps all N columns and writes
+    its whole slice of the partials (no atomics, no memset)."""
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64 offsets, as in _xa_kernel
@@ -124,6 +158,7 @@ def _dy_pass_kernel(G, B, XA, DXA, DB, M, N, R, M_BUCKET,
     r_ok = rr < R
     xa = tl.load(XA + rm[:, None] * stride_am + rr[None, :] * stride_ar,
                  mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+    part = DB_PART + pid_m.to(tl.int64) * stride_ps
     dxa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         nn = n0 + rn
@@ -138,30 +173,37 @@ def _dy_pass_kernel(G, B, XA, DXA, DB, M, N, R, M_BUCKET,
             dxa = tl.dot(g, b.to(g.dtype), dxa, input_precision=PRECISION)
         if NEED_DB:
             db = tl.dot(tl.trans(g), xa.to(g.dtype), input_precision=PRECISION)
-            tl.atomic_add(DB + nn[:, None] * stride_dbn + rr[None, :] * stride_dbr, db * scaling,
-                          mask=n_ok[:, None] & r_ok[None, :])
+            tl.store(part + nn[:, None] * stride_pn + rr[None, :] * stride_pr, db,
+                     mask=n_ok[:, None] & r_ok[None, :])
     if NEED_DXA:
         tl.store(DXA + rm[:, None] * stride_dm + rr[None, :] * stride_dr, dxa,
                  mask=m_ok[:, None] & r_ok[None, :])
 
 
 @triton.jit
-def _gemm_lowrank_kernel(X, W, BIAS, P, Q, OUT, XD, DQ, M, N, K, R, M_BUCKET,
-                         stride_xm, stride_xk, stride_wk, stride_wn, stride_pm, stride_pr,
-                         stride_qr, stride_qn, stride_om, stride_on, stride_dm, stride_dn,
-                         stride_gr, stride_gn, stride_bias, scaling, p_drop, seed,
-                         HAS_GEMM: tl.constexpr, ACC_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         DROP_EPILOGUE: tl.constexpr,
-                         GRAD_Q: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                         LORA_PRECISION: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
+def _gemm_lowrank_kernel(
+        # tensors
+        X, W, BIAS, P, Q, OUT, XD, DQ_PART, RNG,
+        # sizes
+        M, N, K, R,
+        # strides
+        stride_xm, stride_xk, stride_wk, stride_wn, stride_pm, stride_pr, stride_qr, stride_qn,
+        stride_om, stride_on, stride_dm, stride_dn, stride_gs, stride_gr, stride_gn, stride_bias,
+        # scalars
+        scaling, p_drop,
+        # meta
+        HAS_GEMM: tl.constexpr, ACC_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, DROP_EPILOGUE: tl.constexpr,
+        GRAD_Q: tl.constexpr, ADVANCE_RNG: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+        LORA_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+        GROUP_M: tl.constexpr):
     """OUT[M, N] = X[M, K] @ W[K, N] (+ BIAS[N]) + scaling * (P[M, R] @ Q[R, N]) (* keep / (1 - p)).
 
     With ACC_OUT the product X @ W is already in OUT (cuBLAS computed it; K = 0 here) and is added to.
-    With GRAD_Q also DQ[R, N] += scaling * P^T @ drop(XD)[M, N] (atomic, fp32), XD tiled like OUT; with
-    HAS_GEMM=False only that. Forward: X = x, W = weight^T, P = xa, Q = B^T. Backward: X = dY, W = weight,
-    P = dxa, Q = A, XD = x, DQ = dA. P is fp32.
+    With GRAD_Q also DQ_PART[pid_m] = P[rows]^T @ drop(XD)[rows, cols] (R, N), XD tiled like OUT; with
+    HAS_GEMM=False only that. RNG is (seed, counter): read for the dropout mask, or with ADVANCE_RNG its
+    counter incremented by program 0. Forward: X = x, W = weight^T, P = xa, Q = B^T. Backward: X = dY,
+    W = weight, P = dxa, Q = A, XD = x, DQ_PART = dA's partials. P is fp32.
     """
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -179,19 +221,27 @@ def _gemm_lowrank_kernel(X, W, BIAS, P, Q, OUT, XD, DQ, M, N, K, R, M_BUCKET,
     m_ok = rm < M
     n_ok = rn < N
 
+    if ADVANCE_RNG:  # the forward's x pass has read (seed, counter) already: stream order makes this safe
+        two = tl.arange(0, 2)  # (seed, counter) + (0, 1), stored by program 0 only
+        tl.store(RNG + two, tl.load(RNG + two) + two, mask=two < 2 - 2 * pid)
+    if DROP_EPILOGUE:
+        seed = tl.load(RNG)
+        ctr = tl.load(RNG + 1)
+
     if GRAD_Q:  # first: with dropout its mask and the GEMM's are one computation, not held across the K loop
         xd = tl.load(XD + rm[:, None] * stride_dm + rn[None, :] * stride_dn,
                      mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
         if DROP_EPILOGUE:
-            xd = tl.where(_keep(seed, rm, pid_n * BLOCK_N, N, p_drop, BLOCK_N), xd / (1.0 - p_drop), 0.0)
+            xd = tl.where(_keep(seed, ctr, rm, pid_n * BLOCK_N, N, p_drop, BLOCK_N), xd / (1.0 - p_drop), 0.0)
+        part = DQ_PART + pid_m.to(tl.int64) * stride_gs
         for r0 in range(0, R, BLOCK_R):
             rr = r0 + tl.arange(0, BLOCK_R)
             r_ok = rr < R
             p = tl.load(P + rm[:, None] * stride_pm + rr[None, :] * stride_pr,
                         mask=m_ok[:, None] & r_ok[None, :], other=0.0)
             dq = tl.dot(tl.trans(p), xd, input_precision=LORA_PRECISION)
-            tl.atomic_add(DQ + rr[:, None] * stride_gr + rn[None, :] * stride_gn, dq * scaling,
-                          mask=r_ok[:, None] & n_ok[None, :])
+            tl.store(part + rr[:, None] * stride_gr + rn[None, :] * stride_gn, dq,
+                     mask=r_ok[:, None] & n_ok[None, :])
 
     if HAS_GEMM:
         # The rank-r term first, as the accumulator's starting value: only one (BLOCK_M, BLOCK_N) fp32 tile is
@@ -203,7 +253,7 @@ def _gemm_lowrank_kernel(X, W, BIAS, P, Q, OUT, XD, DQ, M, N, K, R, M_BUCKET,
         if DROP_EPILOGUE:
             lora = _lowrank_dot(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), P, Q, rm, rn, m_ok, n_ok, R,
                                 stride_pm, stride_pr, stride_qr, stride_qn, 1.0, dot_dtype, PRECISION, BLOCK_R)
-            keep = _keep(seed, rm, pid_n * BLOCK_N, N, p_drop, BLOCK_N)
+            keep = _keep(seed, ctr, rm, pid_n * BLOCK_N, N, p_drop, BLOCK_N)
             acc = tl.where(keep, lora * (scaling / (1.0 - p_drop)), 0.0)
         else:
             acc = _lowrank_dot(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), P, Q, rm, rn, m_ok, n_ok, R,
@@ -225,7 +275,7 @@ def _gemm_lowrank_kernel(X, W, BIAS, P, Q, OUT, XD, DQ, M, N, K, R, M_BUCKET,
             acc = tl.dot(x, w, acc, input_precision=PRECISION)
             x_ptr += BLOCK_K * stride_xk
             w_ptr += BLOCK_K * stride_wk
-        if ACC_OUT:  # the "cublas" base: OUT already holds x W^T (+ b) from cuBLAS and K is 0
+        if ACC_OUT:  # the hybrid design: OUT already holds x W^T (+ b) from cuBLAS and K is 0
             acc += tl.load(OUT + rm[:, None] * stride_om + rn[None, :] * stride_on,
                            mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
         if HAS_BIAS:
@@ -234,97 +284,76 @@ def _gemm_lowrank_kernel(X, W, BIAS, P, Q, OUT, XD, DQ, M, N, K, R, M_BUCKET,
                  mask=m_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _reduce_kernel(PART, OUT, S, NUMEL, stride_ps, scaling, BLOCK: tl.constexpr):
+    """OUT[i] = scaling * sum over s = 0, 1, ..., S-1 of PART[s, i], in that order (bitwise reproducible),
+    cast to OUT's dtype. PART (S, NUMEL) and OUT (NUMEL,) are contiguous."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < NUMEL
+    ptr = PART + offs
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for _ in range(0, S):
+        acc += tl.load(ptr, mask=ok, other=0.0)
+        ptr += stride_ps
+    tl.store(OUT + offs, (acc * scaling).to(OUT.dtype.element_ty), mask=ok)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Launch configurations
 # ----------------------------------------------------------------------------------------------------------
-def _cfg(warps=4, stages=3, **meta):
-    return triton.Config(meta, num_warps=warps, num_stages=stages)
+KERNELS = ("xa", "dy", "gemm_fwd", "gemm_bwd")
 
 
-class _TrialHooks:
-    """Autotune hooks that keep every trial run of a launch from changing live tensors.
-
-    - `zero`: (flag, buffer) pairs: `buffer` is accumulated atomically when `flag` is set, so it is zeroed
-      before each trial and once after tuning. Only when the flag is set: otherwise the argument is a
-      placeholder aliasing a live tensor (triton's reset_to_zero wiped xa or dxa: first review).
-    - `restore`: (flag, buffer) pairs: `buffer` is read-modify-written when `flag` is set (ACC_OUT adds the
-      rank-r term into cuBLAS's x W^T), so it is saved before each trial and restored after it; without this
-      the first call of each shape added the LoRA term once per trial (second review)."""
-
-    def __init__(self, zero=(), restore=()):
-        self.zero, self.restore, self.saved = tuple(zero), tuple(restore), {}
-
-    def pre(self, nargs, reset_only=False):
-        for flag, buf in self.zero:
-            if nargs[flag]:
-                nargs[buf].zero_()
-        if not reset_only:  # reset_only: the call after tuning, before the real launch
-            self.saved = {buf: nargs[buf].clone() for flag, buf in self.restore if nargs[flag]}
-
-    def post(self, nargs, exception=None):
-        for buf, value in self.saved.items():
-            nargs[buf].copy_(value)
-        self.saved = {}
+def _cfg(warps=4, stages=3, **meta) -> dict:
+    return dict(meta, num_warps=warps, num_stages=stages)
 
 
-# Hopper-sized starting points, still to be measured on an H100 (BENCHMARKS.md). Skinny, memory-bound passes
-# want many programs (16-64 rows each); the base GEMM the usual tiles (128x256x64 with 8 warps at large M).
-XA_CONFIGS = [_cfg(BLOCK_M=bm, BLOCK_K=bk, warps=w, stages=st) for bm, bk, w, st in
-              ((16, 256, 4, 3), (32, 128, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3))]
-DY_CONFIGS = [_cfg(BLOCK_M=bm, BLOCK_N=bn, warps=w, stages=st) for bm, bn, w, st in
-              ((16, 256, 4, 3), (32, 128, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3))]
-GEMM_CONFIGS = [_cfg(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, warps=w, stages=st) for bm, bn, bk, w, st in
-                ((128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
-                 (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4))]
+if _INTERPRET:  # small tiles: CI stays fast and odd shapes cross block edges
+    DEFAULT_CONFIGS = {"xa": _cfg(BLOCK_M=16, BLOCK_K=32), "dy": _cfg(BLOCK_M=16, BLOCK_N=32),
+                       "gemm_fwd": _cfg(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2),
+                       "gemm_bwd": _cfg(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)}
+    HALF_CONFIGS = TF32_CONFIGS = DEFAULT_CONFIGS
+    _REDUCE_BLOCK = 256
+else:  # Hopper-sized starting points (compile_sm90.py: wgmma, no spills); `tune` measures the candidates
+    HALF_CONFIGS = {"xa": _cfg(BLOCK_M=64, BLOCK_K=128), "dy": _cfg(BLOCK_M=64, BLOCK_N=128),
+                    "gemm_fwd": _cfg(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, warps=8),
+                    "gemm_bwd": _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, warps=8, stages=4)}
+    TF32_CONFIGS = dict(HALF_CONFIGS, gemm_fwd=_cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, warps=8),
+                        gemm_bwd=_cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, warps=8))
+    DEFAULT_CONFIGS = HALF_CONFIGS
+    _REDUCE_BLOCK = 1024
+
+# What `tune` times per kernel (pruned by benchmarks/compile_sm90.py: every one compiles for sm_90a with wgmma
+# where the tile allows it, <= 227 KB of shared memory and no spills).
+CANDIDATES = {
+    "half": {"xa": [_cfg(BLOCK_M=bm, BLOCK_K=bk, warps=w, stages=s) for bm, bk, w, s in
+                    ((32, 128, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4))],
+             "dy": [_cfg(BLOCK_M=bm, BLOCK_N=bn, warps=w, stages=s) for bm, bn, w, s in
+                    ((64, 128, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3))],
+             "gemm": [_cfg(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, warps=w, stages=s)
+                      for bm, bn, bk, w, s in ((128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4),
+                                               (128, 128, 64, 4, 4), (64, 128, 64, 4, 4))]},
+    "tf32": {"gemm": [_cfg(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, warps=w, stages=s)
+                      for bm, bn, bk, w, s in ((128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4))]},
+}
+CANDIDATES["tf32"].update(xa=CANDIDATES["half"]["xa"], dy=CANDIDATES["half"]["dy"])
 
 
-def autotuned(xa_configs, dy_configs, gemm_configs, **autotune_kw):
-    """The three kernels wrapped in triton.autotune (keyed on the shape, M bucketed to a power of two so that
-    varying sequence lengths do not re-tune). Tests build it with interpreter-sized configs."""
-    xa = triton.autotune(xa_configs, key=["K", "R", "M_BUCKET"], **autotune_kw)(_xa_kernel)
-    dy_hooks = _TrialHooks(zero=[("NEED_DB", "DB")])
-    dy = triton.autotune(dy_configs, key=["N", "R", "M_BUCKET", "NEED_DXA", "NEED_DB"],
-                         pre_hook=dy_hooks.pre, post_hook=dy_hooks.post, **autotune_kw)(_dy_pass_kernel)
-    gemm_hooks = _TrialHooks(zero=[("GRAD_Q", "DQ")], restore=[("ACC_OUT", "OUT")])
-    gemm = triton.autotune(gemm_configs, key=["N", "K", "R", "M_BUCKET", "HAS_GEMM", "ACC_OUT", "GRAD_Q",
-                                              "DROP_EPILOGUE"],
-                           pre_hook=gemm_hooks.pre, post_hook=gemm_hooks.post, **autotune_kw)(_gemm_lowrank_kernel)
-    return xa, dy, gemm
+def default_configs(x_dtype: torch.dtype) -> dict:
+    return TF32_CONFIGS if x_dtype == torch.float32 else HALF_CONFIGS
 
 
-if _INTERPRET:  # one small config: CI stays fast and odd shapes cross block edges
-    _xa_launch, _dy_pass_launch, _gemm_launch = _xa_kernel, _dy_pass_kernel, _gemm_lowrank_kernel
-    _XA_META = dict(BLOCK_M=16, BLOCK_K=32)
-    _DY_META = dict(BLOCK_M=16, BLOCK_N=32)
-    _GEMM_META = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
-else:  # pragma: no cover - needs a GPU
-    _XA_META = _DY_META = _GEMM_META = {}
-    _xa_launch, _dy_pass_launch, _gemm_launch = autotuned(XA_CONFIGS, DY_CONFIGS, GEMM_CONFIGS)
+def candidates(x_dtype: torch.dtype, kernel: str) -> list[dict]:
+    """The configs `tune` times for `kernel` ("xa", "dy", "gemm_fwd", "gemm_bwd") with x of `x_dtype`."""
+    if _INTERPRET:  # two tiny configs: enough for the dry run to exercise the search
+        return [DEFAULT_CONFIGS[kernel], dict(DEFAULT_CONFIGS[kernel], BLOCK_M=16)]
+    table = CANDIDATES["tf32" if x_dtype == torch.float32 else "half"]
+    return table["gemm" if kernel.startswith("gemm") else kernel]
 
 
-BASE_GEMMS = ("triton", "cublas")
-
-
-def base_gemm() -> str:
-    """Who runs the frozen GEMM: "triton" (one kernel with the rank-r term fused, y written once) or "cublas"
-    (torch's GEMM, then one Triton pass adds the rank-r term in place: y read and written once more).
-    Which wins is an H100 measurement (benchmarks/lora_linear_bench.py, variants lorakern / lk-hybrid);
-    until then the fused design is the default. Environment variable LORAKERN_BASE_GEMM."""
-    name = os.environ.get("LORAKERN_BASE_GEMM", "triton").lower()
-    if name not in BASE_GEMMS:
-        raise ValueError(f"LORAKERN_BASE_GEMM must be one of {BASE_GEMMS}, got {name!r}")
-    return name
-
-
-def _bucket(m: int) -> int:
-    return 1 << max(int(m) - 1, 0).bit_length()
-
-
-def _block_r(r: int, cap: int) -> int:
-    # plain ints: triton.next_power_of_2 is a jit-callable costing ~5 us per host call (4 calls a step)
-    return min(max(16, 1 << max(r - 1, 0).bit_length()), cap)
-
-
+# ----------------------------------------------------------------------------------------------------------
+# Precision
+# ----------------------------------------------------------------------------------------------------------
 def _precisions(x_dtype: torch.dtype) -> tuple[str, str]:
     """(base GEMM, rank-r products) input precision for fp32 dots.
 
@@ -333,19 +362,9 @@ def _precisions(x_dtype: torch.dtype) -> tuple[str, str]:
     bits, far below the bf16/fp16 output's own rounding, at tensor-core speed.
     """
     if x_dtype == torch.float32:
-        prec = "ieee" if _fp32_matmul_is_exact() else "tf32"
+        prec = "ieee" if dispatch.fp32_matmul_is_exact() else "tf32"
         return prec, prec
     return "tf32", "tf32"
-
-
-def _fp32_matmul_is_exact() -> bool:
-    setting = getattr(torch.backends.cuda.matmul, "fp32_precision", None)  # torch >= 2.9
-    if setting is not None and setting != "none":
-        return setting == "ieee"
-    try:
-        return torch.get_float32_matmul_precision() == "highest"
-    except RuntimeError:  # mixed use of the old and new precision APIs
-        return not torch.backends.cuda.matmul.allow_tf32
 
 
 def _lora_fp32(x_dtype: torch.dtype, adapter_dtype: torch.dtype) -> bool:
@@ -353,119 +372,380 @@ def _lora_fp32(x_dtype: torch.dtype, adapter_dtype: torch.dtype) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Entry points (custom ops). Inputs are validated by the caller (lorakern.ops.lora_linear); x is 2-D.
+# Dropout RNG state: (seed, counter) on the device, read only by kernels
+# ----------------------------------------------------------------------------------------------------------
+_rng_states: dict = {}
+
+
+def rng_state(device: torch.device, generator=None) -> torch.Tensor:
+    """The int64 (seed, counter) pair the kernels draw the dropout mask from.
+
+    Without a generator: one persistent tensor per device, advanced on the device by every forward call (so
+    each replay of a captured CUDA graph draws a fresh mask). It follows torch's seeding: on CUDA its seed is
+    drawn from the device's default generator, and it is drawn again after that generator was re-seeded
+    (torch.manual_seed: its seed changed or its offset went back), so re-seeding reproduces the masks; on the
+    CPU (the interpreter) it is derived from torch.initial_seed() and renewed when that changes. Create it (one
+    warm-up step) before capturing a graph. With a generator: a fresh pair (a seed drawn from it, counter 0)."""
+    if generator is not None:
+        seed = torch.randint(0, 2**62, (1,), device=generator.device, dtype=torch.int64, generator=generator)
+        return torch.cat([seed, seed.new_zeros(1)]).to(device)
+    key = (device.type, device.index)
+    entry = _rng_states.get(key)
+    if device.type == "cuda":
+        if entry is not None and torch.cuda.is_current_stream_capturing():
+            return entry[1]  # the generator's offset cannot be read while capturing
+        gen = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+        if entry is None or entry[0][0] != gen.initial_seed() or gen.get_offset() < entry[0][1]:
+            drawn = torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
+            entry = ((gen.initial_seed(), gen.get_offset()), torch.cat([drawn, drawn.new_zeros(1)]))
+            _rng_states[key] = entry
+        return entry[1]
+    seed = torch.initial_seed()
+    if entry is None or entry[0] != seed:
+        mixed = (seed * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) & (2**62 - 1)  # not the user's seed itself
+        entry = _rng_states[key] = (seed, torch.tensor([mixed, 0], dtype=torch.int64, device=device))
+    return entry[1]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers (keyword arguments, grouped by role as in the kernels)
+# ----------------------------------------------------------------------------------------------------------
+class KernelFailure(RuntimeError):
+    """A kernel did not compile or launch: names the kernel and its config."""
+
+    def __init__(self, kernel: str, config: dict, cause: BaseException):
+        super().__init__(f"Triton kernel {kernel} with config {config} failed: {type(cause).__name__}: {cause}")
+        self.kernel, self.config, self.cause = kernel, config, cause
+
+
+def _compile(name: str, kernel, grid, kwargs: dict) -> None:
+    """Compile `kernel` for these arguments without launching it (a no-op under the interpreter, where there
+    is nothing to compile); loading the binary surfaces out-of-resource errors here, not at launch. Inside
+    `precompile`'s parallel phase the compile is only queued."""
+    if _INTERPRET:
+        return
+    compiled = kernel.warmup(grid=grid, **kwargs)
+    if _queueing:
+        return
+    init = getattr(compiled, "_init_handles", None)
+    if init is not None:
+        init()
+
+
+_queueing = False
+
+
+def precompile(variants: list[dict], workers: int | None = None) -> list[tuple[dict, "KernelFailure"]]:
+    """Compile the kernels of many variants (keyword arguments of `_ensure_compiled`), in parallel where
+    Triton can (its AsyncCompileMode, triton >= 3.4, on a thread pool), then load each in turn. Returns the
+    variants that failed, with their KernelFailure; the others are ready to launch without compiling."""
+    global _queueing
+    try:
+        from triton.runtime._async_compile import AsyncCompileMode
+    except ImportError:  # an older Triton: the second loop compiles one at a time
+        AsyncCompileMode = None
+    if AsyncCompileMode is not None and not _INTERPRET and len(variants) > 1:
+        import concurrent.futures
+        import os
+        with concurrent.futures.ThreadPoolExecutor(workers or min(16, os.cpu_count() or 1)) as pool:
+            _queueing = True
+            try:
+                with AsyncCompileMode(pool, ignore_errors=True):
+                    for v in variants:
+                        try:
+                            _ensure_compiled(**v, remember=False)
+                        except KernelFailure:
+                            pass  # reported by the loop below
+            finally:
+                _queueing = False
+    failures = []
+    for v in variants:
+        try:
+            _ensure_compiled(**v)
+        except KernelFailure as failure:
+            failures.append((v, failure))
+    return failures
+
+
+def _run(name: str, kernel, grid, cfg: dict, compile_only: bool, **kwargs) -> None:
+    kwargs.update(cfg)
+    try:
+        if compile_only:
+            _compile(name, kernel, grid, kwargs)
+        else:
+            kernel[grid](**kwargs)
+    except Exception as exc:
+        raise KernelFailure(name, cfg, exc) from exc
+
+
+def launch_xa(*, x, lora_A, xa, rng, rng_call, dropout_p: float, lora_fp32: bool, precision: str, cfg: dict,
+              compile_only: bool = False) -> None:
+    M, K = x.shape
+    R = lora_A.shape[0]
+    br = min(next_pow2(R, 16), 64)
+    (sxm, sxk), (sar, sak), (som, sor) = x.stride(), lora_A.stride(), xa.stride()
+    _run("xa", _xa_kernel, (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(R, br)), cfg, compile_only,
+         X=x, A=lora_A, XA=xa, RNG=rng, RNG_CALL=rng_call,
+         M=M, K=K, R=R,
+         stride_xm=sxm, stride_xk=sxk, stride_ar=sar, stride_ak=sak, stride_om=som, stride_or=sor,
+         p_drop=dropout_p,
+         HAS_DROPOUT=dropout_p > 0.0, LORA_FP32=lora_fp32, PRECISION=precision, BLOCK_R=br)
+
+
+def launch_dy_pass(*, grad_y, lora_B, xa, dxa, db_part, need_dxa: bool, need_db: bool, lora_fp32: bool,
+                   precision: str, cfg: dict, compile_only: bool = False) -> None:
+    M, N = grad_y.shape
+    R = lora_B.shape[1]
+    br = min(next_pow2(R, 16), 64)
+    (sgm, sgn), (sbn, sbr), (sam, sar), (sdm, sdr) = grad_y.stride(), lora_B.stride(), xa.stride(), dxa.stride()
+    sps, spn, spr = db_part.stride() if need_db else (0, 0, 0)
+    _run("dy", _dy_pass_kernel, (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(R, br)), cfg, compile_only,
+         G=grad_y, B=lora_B, XA=xa, DXA=dxa, DB_PART=db_part,
+         M=M, N=N, R=R,
+         stride_gm=sgm, stride_gn=sgn, stride_bn=sbn, stride_br=sbr, stride_am=sam, stride_ar=sar,
+         stride_dm=sdm, stride_dr=sdr, stride_ps=sps, stride_pn=spn, stride_pr=spr,
+         NEED_DXA=need_dxa, NEED_DB=need_db, LORA_FP32=lora_fp32, PRECISION=precision, BLOCK_R=br)
+
+
+def _gemm_grid(M: int, N: int, cfg: dict) -> tuple[int]:
+    return (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+
+
+def launch_gemm_forward(*, x, weight, bias, xa, lora_B, y, rng, scaling: float, hybrid: bool,
+                        precisions: tuple[str, str], cfg: dict, compile_only: bool = False) -> None:
+    """y = x W^T + b + scaling * xa B^T (hybrid: y already holds x W^T + b) and RNG's counter advanced."""
+    M, K = x.shape
+    N, R = weight.shape[0], lora_B.shape[1]
+    (sxm, sxk), (swn, swk), (sbn, sbr), (sym, syn), (sqm, sqr) = (x.stride(), weight.stride(), lora_B.stride(),
+                                                                 y.stride(), xa.stride())
+    _run("gemm_fwd", _gemm_lowrank_kernel, _gemm_grid(M, N, cfg), cfg, compile_only,
+         X=x, W=weight, BIAS=bias if bias is not None else y, P=xa, Q=lora_B, OUT=y, XD=y, DQ_PART=xa, RNG=rng,
+         M=M, N=N, K=0 if hybrid else K, R=R,
+         stride_xm=sxm, stride_xk=sxk, stride_wk=swk, stride_wn=swn, stride_pm=sqm, stride_pr=sqr,
+         stride_qr=sbr, stride_qn=sbn, stride_om=sym, stride_on=syn, stride_dm=0, stride_dn=0,
+         stride_gs=0, stride_gr=0, stride_gn=0, stride_bias=bias.stride(0) if bias is not None else 0,
+         scaling=scaling, p_drop=0.0,
+         HAS_GEMM=True, ACC_OUT=hybrid, HAS_BIAS=bias is not None and not hybrid, DROP_EPILOGUE=False,
+         GRAD_Q=False, ADVANCE_RNG=rng is not None, UPCAST=_INTERPRET, PRECISION=precisions[0],
+         LORA_PRECISION=precisions[1], BLOCK_R=min(next_pow2(R, 16), 32))
+
+
+def launch_gemm_backward(*, grad_y, weight, dxa, lora_A, x, dx, da_part, rng, scaling: float, dropout_p: float,
+                         hybrid: bool, precisions: tuple[str, str], cfg: dict, compile_only: bool = False) -> None:
+    """dx = dY W + scaling * (dxa A) * keep / (1 - p) (hybrid: dx already holds dY W; dx None: not needed)
+    and da_part[pid_m] = dxa[rows]^T drop(x)[rows] (da_part None: not needed)."""
+    M, N = grad_y.shape
+    K, R = weight.shape[1], lora_A.shape[0]
+    out = dx if dx is not None else dxa  # placeholders are never read or written (the flags say so)
+    part = da_part if da_part is not None else dxa
+    (sgm, sgn), (swn, swk), (sdm, sdr), (sar, sak) = grad_y.stride(), weight.stride(), dxa.stride(), lora_A.stride()
+    (som, son), (sxm, sxk) = out.stride(), x.stride()
+    sps, spr, spk = da_part.stride() if da_part is not None else (0, 0, 0)
+    _run("gemm_bwd", _gemm_lowrank_kernel, _gemm_grid(M, K, cfg), cfg, compile_only,
+         X=grad_y, W=weight, BIAS=dxa, P=dxa, Q=lora_A, OUT=out, XD=x, DQ_PART=part, RNG=rng,
+         M=M, N=K, K=0 if hybrid else N, R=R,
+         stride_xm=sgm, stride_xk=sgn, stride_wk=swn, stride_wn=swk, stride_pm=sdm, stride_pr=sdr,
+         stride_qr=sar, stride_qn=sak, stride_om=som, stride_on=son, stride_dm=sxm, stride_dn=sxk,
+         stride_gs=sps, stride_gr=spr, stride_gn=spk, stride_bias=0,
+         scaling=scaling, p_drop=dropout_p,
+         HAS_GEMM=dx is not None, ACC_OUT=hybrid, HAS_BIAS=False, DROP_EPILOGUE=dropout_p > 0.0,
+         GRAD_Q=da_part is not None, ADVANCE_RNG=False, UPCAST=_INTERPRET, PRECISION=precisions[0],
+         LORA_PRECISION=precisions[1], BLOCK_R=min(next_pow2(R, 16), 32))
+
+
+def launch_reduce(*, part, out, scaling: float, compile_only: bool = False) -> None:
+    """out = scaling * part.sum(0) in a fixed order, cast to out's dtype (part (S, ...) and out contiguous)."""
+    numel = out.shape[0] if isinstance(out, _Stand) else out.numel()
+    cfg = dict(BLOCK=_REDUCE_BLOCK, num_warps=4)
+    _run("reduce", _reduce_kernel, (triton.cdiv(numel, _REDUCE_BLOCK),), cfg, compile_only,
+         PART=part, OUT=out, S=part.shape[0], NUMEL=numel, stride_ps=part.stride(0), scaling=scaling)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The operation: forward and backward
 # ----------------------------------------------------------------------------------------------------------
 _empty = torch.empty  # one name for every buffer the kernels overwrite (tests fill them with NaN)
+_compiled: set = set()  # variants whose kernels all compiled (forward and the backward the caller needs)
 
 
-def _device_guard(device: torch.device):
-    """Triton launches on the current CUDA device: make it the tensors' one (cuda:1 inputs on cuda:0 fail)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+def _configs(x_dtype: torch.dtype, configs: dict | None) -> dict:
+    base = default_configs(x_dtype)
+    return base if not configs else {k: configs.get(k, base[k]) for k in KERNELS}
 
 
-def _seed_value(seed, dropout_p: float) -> int:
-    if dropout_p <= 0.0:
-        return 0
-    if seed is None:
-        raise ValueError("dropout_p > 0 needs a seed tensor")
-    return int(seed.item())
+def variant(x, weight, bias, lora_A, lora_B, dropout_p: float, *, hybrid: bool = False, configs: dict | None = None,
+            need_grads: tuple[bool, bool, bool] = (True, True, True)) -> dict:
+    """What `precompile` takes for one call of forward (and of the backward need_grads asks for)."""
+    return dict(x=x if x.stride(1) == 1 else x.contiguous(), weight=weight, bias=bias, lora_A=lora_A,
+                lora_B=lora_B, dropout_p=float(dropout_p), hybrid=hybrid, cfgs=_configs(x.dtype, configs),
+                precs=_precisions(x.dtype), lora_fp32=_lora_fp32(x.dtype, lora_A.dtype), need_grads=tuple(need_grads))
 
 
-def _forward_impl(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed):
+def forward(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, rng, *, hybrid: bool = False,
+            configs: dict | None = None, need_grads: tuple[bool, bool, bool] = (False, False, False)):
+    """(y, xa, rng_call). Compiles, on the first call of each variant, the forward kernels and the backward
+    ones `need_grads` = (dx, dA, dB) asks for, so that a compile failure surfaces here (KernelFailure)."""
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
     if x.stride(1) != 1:  # coalesced loads along K; a transposed view would read one element per row
         x = x.contiguous()
-    prec, lora_prec = _precisions(x.dtype)
+    cfgs = _configs(x.dtype, configs)
+    precs = _precisions(x.dtype)
+    lora_fp32 = _lora_fp32(x.dtype, lora_A.dtype)
     xa = _empty((M, R), device=x.device, dtype=torch.float32)
     y = _empty((M, N), device=x.device, dtype=x.dtype)
-    seed_v = _seed_value(seed, dropout_p)
-    br = _block_r(R, 64)
-    # stride tuples read once: each Tensor.stride(i) call is ~0.25 us and a step made ~44 of them
-    (sxm, sxk), (sam, sak), (sbn, sbr), (sym, syn), (sqm, sqr) = (x.stride(), lora_A.stride(), lora_B.stride(),
-                                                                 y.stride(), xa.stride())
-    with _device_guard(x.device):
-        _xa_launch[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, br))](
-            x, lora_A, xa, M, K, R, _bucket(M),
-            sxm, sxk, sam, sak, sqm, sqr,
-            float(dropout_p), seed_v,
-            HAS_DROPOUT=dropout_p > 0.0, LORA_FP32=_lora_fp32(x.dtype, lora_A.dtype), PRECISION=lora_prec,
-            BLOCK_R=br, **_XA_META)
-        cublas = base_gemm() == "cublas"
-        if cublas:
+    # (seed, counter) of this call for the backward; empty without dropout (custom ops return no None)
+    rng_call = _empty((2 if dropout_p > 0.0 else 0,), device=x.device, dtype=torch.int64)
+    rng_fwd = rng if dropout_p > 0.0 else None
+    with device_guard(x.device):
+        _ensure_compiled(x, weight, bias, lora_A, lora_B, dropout_p, hybrid, cfgs, precs, lora_fp32, need_grads)
+        launch_xa(x=x, lora_A=lora_A, xa=xa, rng=rng_fwd if rng_fwd is not None else xa,
+                  rng_call=rng_call if dropout_p > 0.0 else xa, dropout_p=dropout_p, lora_fp32=lora_fp32,
+                  precision=precs[1], cfg=cfgs["xa"])
+        if hybrid:
             torch.addmm(bias, x, weight.t(), out=y) if bias is not None else torch.mm(x, weight.t(), out=y)
-        _gemm_launch[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)](
-            x, weight, bias if bias is not None else y, xa, lora_B, y, y, xa, M, N, 0 if cublas else K, R,
-            _bucket(M), sxm, sxk, weight.stride(1), weight.stride(0), sqm, sqr,
-            sbr, sbn, sym, syn, 0, 0, 0, 0,
-            bias.stride(0) if bias is not None else 0, float(scaling), 0.0, 0,
-            HAS_GEMM=True, ACC_OUT=cublas, HAS_BIAS=bias is not None and not cublas, DROP_EPILOGUE=False,
-            GRAD_Q=False, UPCAST=_INTERPRET,
-            PRECISION=prec, LORA_PRECISION=lora_prec, BLOCK_R=_block_r(R, 32), **_GEMM_META)
-    return y, xa
+        launch_gemm_forward(x=x, weight=weight, bias=bias, xa=xa, lora_B=lora_B, y=y, rng=rng_fwd, scaling=scaling,
+                            hybrid=hybrid, precisions=precs, cfg=cfgs["gemm_fwd"])
+    return y, xa, rng_call
 
 
-def _backward_impl(grad_y, x, xa, weight, lora_A, lora_B, scaling: float, dropout_p: float, seed,
-                   need_dx: bool, need_dA: bool, need_dB: bool):
+class _Stand:
+    """What compiling needs of a tensor argument (dtype, strides, an aligned address), without storage."""
+
+    def __init__(self, dtype: torch.dtype, shape: tuple[int, ...]):
+        self.dtype, self.shape = dtype, tuple(shape)
+        strides, step = [], 1
+        for n in reversed(self.shape):
+            strides.append(step)
+            step *= max(n, 1)
+        self._strides = tuple(reversed(strides))
+
+    def stride(self, dim: int | None = None):
+        return self._strides if dim is None else self._strides[dim]
+
+    @staticmethod
+    def data_ptr() -> int:
+        return 0
+
+
+def _ensure_compiled(x, weight, bias, lora_A, lora_B, dropout_p, hybrid, cfgs, precs, lora_fp32, need_grads,
+                     remember: bool = True):
+    """Compile every kernel of this variant (forward, and the backward `need_grads` asks for) before the first
+    launch, with the arguments the launches will have, so that a failure raises here, in the forward."""
+    need_dx, need_dA, need_dB = need_grads
+    M, K = x.shape
+    N, R = weight.shape[0], lora_A.shape[0]
+    key = (x.device, x.dtype, lora_A.dtype, bias is not None, dropout_p > 0.0, hybrid, M % 16, K % 16, N % 16,
+           x.stride(0) % 16, weight.stride(0) % 16, R, need_grads, precs,
+           repr(sorted((k, sorted(v.items())) for k, v in cfgs.items())))
+    if key in _compiled:
+        return
+    cfgs = {k: dict(v) for k, v in cfgs.items()}
+    f32, act = torch.float32, x.dtype
+    xa, y, rng = _Stand(f32, (M, R)), _Stand(act, (M, N)), _Stand(torch.int64, (2,))
+    launch_xa(x=x, lora_A=lora_A, xa=xa, rng=rng, rng_call=rng, dropout_p=dropout_p, lora_fp32=lora_fp32,
+              precision=precs[1], cfg=cfgs["xa"], compile_only=True)
+    launch_gemm_forward(x=x, weight=weight, bias=bias, xa=xa, lora_B=lora_B, y=y, rng=rng if dropout_p > 0 else None,
+                        scaling=1.0, hybrid=hybrid, precisions=precs, cfg=cfgs["gemm_fwd"], compile_only=True)
+    if need_dx or need_dA or need_dB:
+        s_dy, s_gemm = triton.cdiv(M, cfgs["dy"]["BLOCK_M"]), triton.cdiv(M, cfgs["gemm_bwd"]["BLOCK_M"])
+        launch_dy_pass(grad_y=y, lora_B=lora_B, xa=xa, dxa=xa, db_part=_Stand(f32, (s_dy, N, R)),
+                       need_dxa=need_dx or need_dA, need_db=need_dB, lora_fp32=lora_fp32, precision=precs[1],
+                       cfg=cfgs["dy"], compile_only=True)
+        if need_dx or need_dA:
+            launch_gemm_backward(grad_y=y, weight=weight, dxa=xa, lora_A=lora_A, x=x,
+                                 dx=_Stand(act, (M, K)) if need_dx else None,
+                                 da_part=_Stand(f32, (s_gemm, R, K)) if need_dA else None, rng=rng, scaling=1.0,
+                                 dropout_p=dropout_p, hybrid=hybrid and need_dx, precisions=precs,
+                                 cfg=cfgs["gemm_bwd"], compile_only=True)
+        for part, out, on in ((_Stand(f32, (s_gemm, R, K)), _Stand(lora_A.dtype, (R * K,)), need_dA),
+                              (_Stand(f32, (s_dy, N, R)), _Stand(lora_B.dtype, (N * R,)), need_dB)):
+            if on:
+                launch_reduce(part=part, out=out, scaling=1.0, compile_only=True)
+    if remember:
+        _compiled.add(key)
+
+
+def backward(grad_y, x, xa, weight, lora_A, lora_B, scaling: float, dropout_p: float, rng_call,
+             need_dx: bool, need_dA: bool, need_dB: bool, *, hybrid: bool = False, configs: dict | None = None):
+    """(dx, dA, dB), each None where not needed; dA and dB in the adapter dtype, reduced in a fixed order."""
     M, N = grad_y.shape  # N = out_features
     K, R = weight.shape[1], lora_A.shape[0]  # K = in_features
     if grad_y.stride(1) != 1:
         grad_y = grad_y.contiguous()
-    prec, lora_prec = _precisions(grad_y.dtype)
+    cfgs = _configs(grad_y.dtype, configs)
+    precs = _precisions(grad_y.dtype)
+    lora_fp32 = _lora_fp32(grad_y.dtype, lora_A.dtype)
     need_dxa = need_dx or need_dA
     dev = grad_y.device
-    # Placeholders for unused pointer arguments are never read or written (the flags say so).
     dxa = _empty((M, R), device=dev, dtype=torch.float32) if need_dxa else xa
-    dB = torch.zeros((N, R), device=dev, dtype=torch.float32) if need_dB else xa
     dx = _empty((M, K), device=dev, dtype=grad_y.dtype) if need_dx else None
-    dA = torch.zeros((R, K), device=dev, dtype=torch.float32) if need_dA else None
-    sg, sb, sq, sd, sdb = grad_y.stride(), lora_B.stride(), xa.stride(), dxa.stride(), dB.stride()
-    with _device_guard(dev):
+    db_part = (_empty((triton.cdiv(M, cfgs["dy"]["BLOCK_M"]), N, R), device=dev, dtype=torch.float32)
+               if need_dB else None)
+    da_part = (_empty((triton.cdiv(M, cfgs["gemm_bwd"]["BLOCK_M"]), R, K), device=dev, dtype=torch.float32)
+               if need_dA else None)
+    dA = _empty((R, K), device=dev, dtype=lora_A.dtype) if need_dA else None
+    dB = _empty((N, R), device=dev, dtype=lora_B.dtype) if need_dB else None
+    with device_guard(dev):
         if need_dxa or need_dB:
-            br = _block_r(R, 64)
-            _dy_pass_launch[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, br))](
-                grad_y, lora_B, xa, dxa, dB, M, N, R, _bucket(M),
-                sg[0], sg[1], sb[0], sb[1], sq[0], sq[1], sd[0], sd[1], sdb[0], sdb[1], float(scaling),
-                NEED_DXA=need_dxa, NEED_DB=need_dB, LORA_FP32=_lora_fp32(grad_y.dtype, lora_A.dtype),
-                PRECISION=lora_prec, BLOCK_R=br, **_DY_META)
+            launch_dy_pass(grad_y=grad_y, lora_B=lora_B, xa=xa, dxa=dxa, db_part=db_part if need_dB else xa,
+                           need_dxa=need_dxa, need_db=need_dB, lora_fp32=lora_fp32, precision=precs[1],
+                           cfg=cfgs["dy"])
         if need_dxa:
-            out, dq = (dx if need_dx else dxa), (dA if need_dA else dxa)
-            cublas = need_dx and base_gemm() == "cublas"
-            if cublas:
+            hyb = hybrid and need_dx
+            if hyb:
                 torch.mm(grad_y, weight, out=dx)
-            sw, sa, so, sx, sdq = weight.stride(), lora_A.stride(), out.stride(), x.stride(), dq.stride()
-            _gemm_launch[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)](
-                grad_y, weight, dxa, dxa, lora_A, out, x, dq, M, K, 0 if cublas else N, R, _bucket(M),
-                sg[0], sg[1], sw[0], sw[1], sd[0], sd[1], sa[0], sa[1], so[0], so[1], sx[0], sx[1], sdq[0], sdq[1], 0,
-                float(scaling), float(dropout_p), _seed_value(seed, dropout_p),
-                HAS_GEMM=need_dx, ACC_OUT=cublas, HAS_BIAS=False, DROP_EPILOGUE=dropout_p > 0.0, GRAD_Q=need_dA,
-                UPCAST=_INTERPRET, PRECISION=prec, LORA_PRECISION=lora_prec, BLOCK_R=_block_r(R, 32),
-                **_GEMM_META)
-    dA = dA.to(lora_A.dtype) if dA is not None else None
-    dB = dB.to(lora_B.dtype) if need_dB else None
+            launch_gemm_backward(grad_y=grad_y, weight=weight, dxa=dxa, lora_A=lora_A, x=x, dx=dx, da_part=da_part,
+                                 rng=rng_call if dropout_p > 0.0 else dxa, scaling=scaling, dropout_p=dropout_p,
+                                 hybrid=hyb, precisions=precs, cfg=cfgs["gemm_bwd"])
+        if need_dA:
+            launch_reduce(part=da_part, out=dA, scaling=scaling)
+        if need_dB:
+            launch_reduce(part=db_part, out=dB, scaling=scaling)
     return dx, dA, dB
 
 
-# torch.compile sees these custom ops as opaque nodes; eager calls go straight to the _impl functions
-# (lorakern.ops.lora_linear picks), skipping the dispatcher's few microseconds per call.
-forward = torch.library.custom_op(
-    "lorakern::triton_lora_forward", _forward_impl, mutates_args=(),
-    schema="(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
-           "float dropout_p, Tensor? seed) -> (Tensor, Tensor)")
-backward = torch.library.custom_op(
-    "lorakern::triton_lora_backward", _backward_impl, mutates_args=(),
-    schema="(Tensor grad_y, Tensor x, Tensor xa, Tensor weight, Tensor lora_A, Tensor lora_B, float scaling, "
-           "float dropout_p, Tensor? seed, bool need_dx, bool need_dA, bool need_dB) -> (Tensor?, Tensor?, Tensor?)")
+# ----------------------------------------------------------------------------------------------------------
+# Custom ops (torch.compile sees opaque nodes; eager calls go straight to forward/backward above)
+# ----------------------------------------------------------------------------------------------------------
+def _op_configs(x, weight, lora_A, dropout_p: float) -> dict | None:
+    """The measured configs for a call through the custom op (what the eager path gets from _choose)."""
+    if x.device.type != "cuda":
+        return None
+    return dispatch.design_for(gpu_arch(x.device), x.dtype, lora_A.dtype, x.shape[0], weight.shape[1],
+                               weight.shape[0], lora_A.shape[0], dropout_p > 0.0,
+                               not dispatch.fp32_matmul_is_exact())[2]
 
 
-@forward.register_fake
-def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+# rng is read and advanced on the device (a fresh mask per call is what dropout means): declared mutated.
+@torch.library.custom_op("lorakern::triton_lora_forward", mutates_args=("rng",))
+def forward_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+               lora_B: torch.Tensor, scaling: float, dropout_p: float, rng: Optional[torch.Tensor], hybrid: bool,
+               need_dx: bool, need_dA: bool, need_dB: bool
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, rng, hybrid=hybrid,
+                   configs=_op_configs(x, weight, lora_A, dropout_p), need_grads=(need_dx, need_dA, need_dB))
+
+
+@forward_op.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, rng, hybrid, need_dx, need_dA, need_dB):
     return (x.new_empty((x.shape[0], weight.shape[0])),
-            x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32))
+            x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32),
+            x.new_empty((2 if dropout_p > 0.0 else 0,), dtype=torch.int64))
 
 
-@backward.register_fake
-def _(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx, need_dA, need_dB):
+@torch.library.custom_op("lorakern::triton_lora_backward", mutates_args=(),
+                         schema="(Tensor grad_y, Tensor x, Tensor xa, Tensor weight, Tensor lora_A, Tensor lora_B, "
+                                "float scaling, float dropout_p, Tensor? rng_call, bool need_dx, bool need_dA, "
+                                "bool need_dB, bool hybrid) -> (Tensor?, Tensor?, Tensor?)")
+def backward_op(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, rng_call, need_dx, need_dA, need_dB,
+                hybrid):
+    return backward(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, rng_call, need_dx, need_dA, need_dB,
+                    hybrid=hybrid, configs=_op_configs(x, weight, lora_A, dropout_p))
+
+
+@backward_op.register_fake
+def _(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, rng_call, need_dx, need_dA, need_dB, hybrid):
     return (grad_y.new_empty((grad_y.shape[0], weight.shape[1])) if need_dx else None,
             lora_A.new_empty(lora_A.shape) if need_dA else None,
             lora_B.new_empty(lora_B.shape) if need_dB else None)
