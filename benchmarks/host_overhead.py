@@ -3,9 +3,9 @@
     python benchmarks/host_overhead.py [--json out.json]             # CPU: dispatch without launches
     python benchmarks/host_overhead.py --device cuda [--json out.json]  # GPU: with the real launches
 
-On the CPU the Triton path runs with its three launchers replaced by no-ops (TRITON_INTERPRET=1 so the module
+On the CPU the Triton path runs with its kernels' launches replaced by no-ops (TRITON_INTERPRET=1 so the module
 imports without a GPU), on tiny tensors: what lorakern's dispatch costs per layer besides Triton's own
-launches (4 per forward+backward). On a GPU the tensors are as tiny and the launches real: the time per call
+launches (2 per forward, 4 per backward). On a GPU the tensors are as tiny and the launches real: the time per call
 is the host's (the GPU idles between kernels), Triton's launch cost included. Peers on the same tensors in the same run: nn.Linear, peft's LoRA layer,
 lorakern's torch and C++ paths. At M=2048, 4096->4096 the frozen layer's GPU time is 0.195 ms (issue 4):
 host time above that makes the layer CPU-bound.
@@ -29,7 +29,7 @@ from _report import print_table, save_json  # noqa: E402  benchmarks/ is the scr
 
 
 class _NoLaunch:
-    """Stands for a Triton launcher: kernel[grid](*args) does nothing."""
+    """Stands for a Triton kernel: kernel[grid](**args) does nothing."""
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: None
@@ -72,12 +72,15 @@ def main(argv=None) -> dict:
         rows.append({"variant": name, "host_us": _median_us(lambda: module(x).sum().backward(), args.iters, device)})
     if device.type == "cpu":
         from lorakern.ops import lora_linear_triton as kt
-        kt._xa_launch = kt._dy_pass_launch = kt._gemm_launch = _NoLaunch()
-        variants = (("torch", "lk torch"), ("auto", "lk C++"), ("triton", "lk triton*"))
-    else:
-        variants = (("torch", "lk torch"), ("triton", "lk triton"))
-    for backend, name in variants:
+        kt._xa_kernel = kt._dy_pass_kernel = kt._gemm_lowrank_kernel = kt._reduce_kernel = _NoLaunch()
+        variants = (("torch", "auto", "lk torch"), ("auto", "auto", "lk C++"), ("triton", "fused", "lk fused*"),
+                    ("triton", "hybrid", "lk hybrid*"))
+    else:  # auto: the measured dispatch (the cuBLAS path where nothing was measured)
+        variants = (("torch", "auto", "lk torch"), ("auto", "auto", "lk auto"), ("triton", "fused", "lk fused"),
+                    ("triton", "hybrid", "lk hybrid"))
+    for backend, design, name in variants:
         lk.set_backend(backend)
+        lk.set_design(design)
         rows.append({"variant": name,
                      "host_us": _median_us(lambda: ours(x).sum().backward(), args.iters, device)})
     base = rows[0]["host_us"]

@@ -18,6 +18,11 @@ def next_pow2(n: int, minimum: int = 1) -> int:
     return max(int(minimum), 1 << max(int(n) - 1, 0).bit_length())
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints (triton.cdiv is a jit-callable: microseconds per host call)."""
+    return -(-a // b)
+
+
 def check_number(value: object, name: str, low: float, high: float | None = None, *, high_open: bool = False,
                  low_open: bool = False) -> float:
     """value as a finite float in the given range; TypeError (not a number) or ValueError (out of range)

@@ -9,19 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakern import init as lora_init
+from lorakern._util import check_number
 from lorakern.ops.lora_linear import _MAX_DROPOUT_P, apply_checked, lora_linear
-
-
-def _check_float(value: object, name: str, low: float, high: float | None = None, high_open=False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    bad = (not math.isfinite(value) or not (value >= low)
-           or (high is not None and (value >= high if high_open else value > high)))
-    if bad:
-        upper = "" if high is None else (f" and < {high}" if high_open else f" and <= {high}")
-        raise ValueError(f"{name} must be a finite number >= {low}{upper}, got {value}")
-    return value
 
 
 def resolve_init(init) -> Callable:
@@ -105,8 +94,8 @@ class LoRALinear(nn.Linear):
     def _setup_adapter(self, r, alpha, dropout, rslora, init, adapter_dtype) -> None:
         resolve_init(init)  # validate everything before the base is frozen
         self.r = lora_init.check_rank(r, self.in_features, self.out_features, bounded=False)
-        self.alpha = _check_float(alpha, "alpha", 0.0)
-        self.dropout = _check_float(dropout, "dropout", 0.0, _MAX_DROPOUT_P)  # [0, 1): the kernels' fp32 bound
+        self.alpha = check_number(alpha, "alpha", 0.0)
+        self.dropout = check_number(dropout, "dropout", 0.0, _MAX_DROPOUT_P)  # [0, 1): the kernels' fp32 bound
         self.rslora = bool(rslora)
         self.scaling = self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
         if adapter_dtype is not None and not (isinstance(adapter_dtype, torch.dtype) and adapter_dtype.is_floating_point):

@@ -193,7 +193,9 @@ def _choose(x, weight, lora_A, dropout_p: float):
     if design == "cublas" and settings.backend == "auto":
         return _TORCH
     if design not in dispatch.TRITON_DESIGNS:  # the "triton" backend forces the kernels
-        design = "fused"
+        # exact fp32 on a GPU: not the Triton GEMM (its "ieee" dots spill and trail cuBLAS) unless asked for
+        exact_fp32 = x.device.type == "cuda" and case.x_dtype == "fp32"
+        design = "hybrid" if exact_fp32 else "fused"
     return _TritonImpl(design, configs, case)
 
 

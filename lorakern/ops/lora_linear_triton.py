@@ -8,12 +8,12 @@ Forward, two launches:
   product, so y is written once ("fused"); or, after cuBLAS wrote x W^T + b into y, only the rank-r term added
   in place ("hybrid"). Its program 0 advances the RNG counter: every call draws a fresh mask, also on each
   replay of a captured graph.
-Backward, four launches:
+Backward, three launches:
 - `_dy_pass_kernel`: one read of dY gives dxa = dY B (M, r) and, per row block, dY^T xa (a partial of dB).
 - `_gemm_lowrank_kernel` again: dX = dY W + s * (dxa A) * keep / (1 - p) and, from the x tile that lines up
   with each dX tile, a partial of dA (x read once, while the compute-bound GEMM runs).
-- `_reduce_kernel` twice: dA, dB = s * the sum of their partials in a fixed order, cast to the adapter dtype.
-  No atomics: two runs give bitwise equal gradients, and no memset or cast launch is needed.
+- `_reduce_kernel`: dA, dB = s * the sum of their partials in a fixed order, cast to the adapter dtype, both
+  in one launch. No atomics: two runs give bitwise equal gradients, and no memset or cast launch is needed.
 Precision: accumulation is always fp32, and xa, dxa and the partials are fp32. With fp32 adapters the skinny
 passes and the dA product upcast their tiles (tf32 unless the base is fp32 with tf32 disabled), so fp32
 adapters train on a bf16 base without an fp32 copy of x. The rank-r term inside a GEMM runs in the GEMM's
@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from lorakern import _backend
-from lorakern._util import device_guard, gpu_arch, next_pow2
+from lorakern._util import cdiv, device_guard, gpu_arch, next_pow2
 from lorakern.ops import dispatch
 
 _INTERPRET = _backend.interpreting()
@@ -285,10 +285,8 @@ def _gemm_lowrank_kernel(
 
 
 @triton.jit
-def _reduce_kernel(PART, OUT, S, NUMEL, stride_ps, scaling, BLOCK: tl.constexpr):
-    """OUT[i] = scaling * sum over s = 0, 1, ..., S-1 of PART[s, i], in that order (bitwise reproducible),
-    cast to OUT's dtype. PART (S, NUMEL) and OUT (NUMEL,) are contiguous."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+def _reduce_block(PART, OUT, S, NUMEL, stride_ps, scaling, block, BLOCK: tl.constexpr):
+    offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < NUMEL
     ptr = PART + offs
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -296,6 +294,29 @@ def _reduce_kernel(PART, OUT, S, NUMEL, stride_ps, scaling, BLOCK: tl.constexpr)
         acc += tl.load(ptr, mask=ok, other=0.0)
         ptr += stride_ps
     tl.store(OUT + offs, (acc * scaling).to(OUT.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _reduce_kernel(
+        # tensors
+        PART_A, OUT_A, PART_B, OUT_B,
+        # sizes
+        S_A, NUMEL_A, S_B, NUMEL_B,
+        # strides
+        stride_a, stride_b,
+        # scalars
+        scaling,
+        # meta
+        BLOCK: tl.constexpr):
+    """OUT_A[i] = scaling * sum over s = 0, 1, ..., S_A-1 of PART_A[s, i], in that order (bitwise reproducible),
+    cast to OUT_A's dtype; the same for B. One launch for both adapter gradients: the first cdiv(NUMEL_A, BLOCK)
+    programs reduce A, the others B (NUMEL = 0: nothing to do). PART (S, NUMEL) and OUT (NUMEL,) contiguous."""
+    pid = tl.program_id(0)
+    blocks_a = tl.cdiv(NUMEL_A, BLOCK)
+    if pid < blocks_a:
+        _reduce_block(PART_A, OUT_A, S_A, NUMEL_A, stride_a, scaling, pid, BLOCK)
+    else:
+        _reduce_block(PART_B, OUT_B, S_B, NUMEL_B, stride_b, scaling, pid - blocks_a, BLOCK)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -484,7 +505,7 @@ def launch_xa(*, x, lora_A, xa, rng, rng_call, dropout_p: float, lora_fp32: bool
     R = lora_A.shape[0]
     br = min(next_pow2(R, 16), 64)
     (sxm, sxk), (sar, sak), (som, sor) = x.stride(), lora_A.stride(), xa.stride()
-    _run("xa", _xa_kernel, (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(R, br)), cfg, compile_only,
+    _run("xa", _xa_kernel, (cdiv(M, cfg["BLOCK_M"]), cdiv(R, br)), cfg, compile_only,
          X=x, A=lora_A, XA=xa, RNG=rng, RNG_CALL=rng_call,
          M=M, K=K, R=R,
          stride_xm=sxm, stride_xk=sxk, stride_ar=sar, stride_ak=sak, stride_om=som, stride_or=sor,
@@ -499,7 +520,7 @@ def launch_dy_pass(*, grad_y, lora_B, xa, dxa, db_part, need_dxa: bool, need_db:
     br = min(next_pow2(R, 16), 64)
     (sgm, sgn), (sbn, sbr), (sam, sar), (sdm, sdr) = grad_y.stride(), lora_B.stride(), xa.stride(), dxa.stride()
     sps, spn, spr = db_part.stride() if need_db else (0, 0, 0)
-    _run("dy", _dy_pass_kernel, (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(R, br)), cfg, compile_only,
+    _run("dy", _dy_pass_kernel, (cdiv(M, cfg["BLOCK_M"]), cdiv(R, br)), cfg, compile_only,
          G=grad_y, B=lora_B, XA=xa, DXA=dxa, DB_PART=db_part,
          M=M, N=N, R=R,
          stride_gm=sgm, stride_gn=sgn, stride_bn=sbn, stride_br=sbr, stride_am=sam, stride_ar=sar,
@@ -508,7 +529,7 @@ def launch_dy_pass(*, grad_y, lora_B, xa, dxa, db_part, need_dxa: bool, need_db:
 
 
 def _gemm_grid(M: int, N: int, cfg: dict) -> tuple[int]:
-    return (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    return (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
 
 
 def launch_gemm_forward(*, x, weight, bias, xa, lora_B, y, rng, scaling: float, hybrid: bool,
@@ -553,12 +574,22 @@ def launch_gemm_backward(*, grad_y, weight, dxa, lora_A, x, dx, da_part, rng, sc
          LORA_PRECISION=precisions[1], BLOCK_R=min(next_pow2(R, 16), 32))
 
 
-def launch_reduce(*, part, out, scaling: float, compile_only: bool = False) -> None:
-    """out = scaling * part.sum(0) in a fixed order, cast to out's dtype (part (S, ...) and out contiguous)."""
-    numel = out.shape[0] if isinstance(out, _Stand) else out.numel()
+def launch_reduce(*, part_a=None, out_a=None, part_b=None, out_b=None, scaling: float,
+                  compile_only: bool = False) -> None:
+    """out = scaling * part.sum(0) in a fixed order, cast to out's dtype, for (part_a, out_a) and (part_b, out_b)
+    in one launch; either pair may be None. part (S, ...) and out contiguous."""
+    def numel(t):
+        return 0 if t is None else (t.shape[0] if isinstance(t, _Stand) else t.numel())
+    na, nb = numel(out_a), numel(out_b)
+    any_part, any_out = (part_a if part_a is not None else part_b), (out_a if out_a is not None else out_b)
+    pa, oa = (part_a, out_a) if na else (any_part, any_out)
+    pb, ob = (part_b, out_b) if nb else (any_part, any_out)
     cfg = dict(BLOCK=_REDUCE_BLOCK, num_warps=4)
-    _run("reduce", _reduce_kernel, (triton.cdiv(numel, _REDUCE_BLOCK),), cfg, compile_only,
-         PART=part, OUT=out, S=part.shape[0], NUMEL=numel, stride_ps=part.stride(0), scaling=scaling)
+    _run("reduce", _reduce_kernel, (cdiv(na, _REDUCE_BLOCK) + cdiv(nb, _REDUCE_BLOCK),), cfg, compile_only,
+         PART_A=pa, OUT_A=oa, PART_B=pb, OUT_B=ob,
+         S_A=pa.shape[0] if na else 0, NUMEL_A=na, S_B=pb.shape[0] if nb else 0, NUMEL_B=nb,
+         stride_a=pa.stride(0), stride_b=pb.stride(0),
+         scaling=scaling)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -568,9 +599,29 @@ _empty = torch.empty  # one name for every buffer the kernels overwrite (tests f
 _compiled: set = set()  # variants whose kernels all compiled (forward and the backward the caller needs)
 
 
+_config_keys: dict[int, tuple] = {}
+
+
+def _config_key(cfgs: dict) -> tuple:
+    """A hashable form of a configs dict, computed once per dict object (the defaults, or a measured entry's)."""
+    hit = _config_keys.get(id(cfgs))
+    if hit is None or hit[0] is not cfgs:
+        hit = _config_keys[id(cfgs)] = (cfgs, tuple(sorted((k, tuple(sorted(v.items()))) for k, v in cfgs.items())))
+    return hit[1]
+
+
+_merged: dict[tuple, tuple] = {}
+
+
 def _configs(x_dtype: torch.dtype, configs: dict | None) -> dict:
+    """`configs` (a measured entry's, possibly partial) over the defaults; one merged dict per entry object."""
     base = default_configs(x_dtype)
-    return base if not configs else {k: configs.get(k, base[k]) for k in KERNELS}
+    if not configs:
+        return base
+    hit = _merged.get((id(configs), x_dtype))
+    if hit is None or hit[0] is not configs:
+        hit = _merged[(id(configs), x_dtype)] = (configs, {k: configs.get(k, base[k]) for k in KERNELS})
+    return hit[1]
 
 
 def variant(x, weight, bias, lora_A, lora_B, dropout_p: float, *, hybrid: bool = False, configs: dict | None = None,
@@ -636,8 +687,7 @@ def _ensure_compiled(x, weight, bias, lora_A, lora_B, dropout_p, hybrid, cfgs, p
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
     key = (x.device, x.dtype, lora_A.dtype, bias is not None, dropout_p > 0.0, hybrid, M % 16, K % 16, N % 16,
-           x.stride(0) % 16, weight.stride(0) % 16, R, need_grads, precs,
-           repr(sorted((k, sorted(v.items())) for k, v in cfgs.items())))
+           x.stride(0) % 16, weight.stride(0) % 16, R, need_grads, precs, _config_key(cfgs))
     if key in _compiled:
         return
     cfgs = {k: dict(v) for k, v in cfgs.items()}
@@ -648,7 +698,7 @@ def _ensure_compiled(x, weight, bias, lora_A, lora_B, dropout_p, hybrid, cfgs, p
     launch_gemm_forward(x=x, weight=weight, bias=bias, xa=xa, lora_B=lora_B, y=y, rng=rng if dropout_p > 0 else None,
                         scaling=1.0, hybrid=hybrid, precisions=precs, cfg=cfgs["gemm_fwd"], compile_only=True)
     if need_dx or need_dA or need_dB:
-        s_dy, s_gemm = triton.cdiv(M, cfgs["dy"]["BLOCK_M"]), triton.cdiv(M, cfgs["gemm_bwd"]["BLOCK_M"])
+        s_dy, s_gemm = cdiv(M, cfgs["dy"]["BLOCK_M"]), cdiv(M, cfgs["gemm_bwd"]["BLOCK_M"])
         launch_dy_pass(grad_y=y, lora_B=lora_B, xa=xa, dxa=xa, db_part=_Stand(f32, (s_dy, N, R)),
                        need_dxa=need_dx or need_dA, need_db=need_dB, lora_fp32=lora_fp32, precision=precs[1],
                        cfg=cfgs["dy"], compile_only=True)
@@ -658,10 +708,11 @@ def _ensure_compiled(x, weight, bias, lora_A, lora_B, dropout_p, hybrid, cfgs, p
                                  da_part=_Stand(f32, (s_gemm, R, K)) if need_dA else None, rng=rng, scaling=1.0,
                                  dropout_p=dropout_p, hybrid=hybrid and need_dx, precisions=precs,
                                  cfg=cfgs["gemm_bwd"], compile_only=True)
-        for part, out, on in ((_Stand(f32, (s_gemm, R, K)), _Stand(lora_A.dtype, (R * K,)), need_dA),
-                              (_Stand(f32, (s_dy, N, R)), _Stand(lora_B.dtype, (N * R,)), need_dB)):
-            if on:
-                launch_reduce(part=part, out=out, scaling=1.0, compile_only=True)
+        if need_dA or need_dB:
+            launch_reduce(part_a=_Stand(f32, (s_gemm, R, K)) if need_dA else None,
+                          out_a=_Stand(lora_A.dtype, (R * K,)) if need_dA else None,
+                          part_b=_Stand(f32, (s_dy, N, R)) if need_dB else None,
+                          out_b=_Stand(lora_B.dtype, (N * R,)) if need_dB else None, scaling=1.0, compile_only=True)
     if remember:
         _compiled.add(key)
 
@@ -680,9 +731,9 @@ def backward(grad_y, x, xa, weight, lora_A, lora_B, scaling: float, dropout_p: f
     dev = grad_y.device
     dxa = _empty((M, R), device=dev, dtype=torch.float32) if need_dxa else xa
     dx = _empty((M, K), device=dev, dtype=grad_y.dtype) if need_dx else None
-    db_part = (_empty((triton.cdiv(M, cfgs["dy"]["BLOCK_M"]), N, R), device=dev, dtype=torch.float32)
+    db_part = (_empty((cdiv(M, cfgs["dy"]["BLOCK_M"]), N, R), device=dev, dtype=torch.float32)
                if need_dB else None)
-    da_part = (_empty((triton.cdiv(M, cfgs["gemm_bwd"]["BLOCK_M"]), R, K), device=dev, dtype=torch.float32)
+    da_part = (_empty((cdiv(M, cfgs["gemm_bwd"]["BLOCK_M"]), R, K), device=dev, dtype=torch.float32)
                if need_dA else None)
     dA = _empty((R, K), device=dev, dtype=lora_A.dtype) if need_dA else None
     dB = _empty((N, R), device=dev, dtype=lora_B.dtype) if need_dB else None
@@ -698,10 +749,8 @@ def backward(grad_y, x, xa, weight, lora_A, lora_B, scaling: float, dropout_p: f
             launch_gemm_backward(grad_y=grad_y, weight=weight, dxa=dxa, lora_A=lora_A, x=x, dx=dx, da_part=da_part,
                                  rng=rng_call if dropout_p > 0.0 else dxa, scaling=scaling, dropout_p=dropout_p,
                                  hybrid=hyb, precisions=precs, cfg=cfgs["gemm_bwd"])
-        if need_dA:
-            launch_reduce(part=da_part, out=dA, scaling=scaling)
-        if need_dB:
-            launch_reduce(part=db_part, out=dB, scaling=scaling)
+        if need_dA or need_dB:
+            launch_reduce(part_a=da_part, out_a=dA, part_b=db_part, out_b=dB, scaling=scaling)
     return dx, dA, dB
 
 

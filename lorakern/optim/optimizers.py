@@ -54,6 +54,7 @@ from itertools import chain
 import torch
 
 from lorakern import _backend
+from lorakern._util import check_number
 from lorakern.optim.pairs import check_pairs, collect_pairs
 from lorakern.optim.preconditioner import NORMALIZE_CHOICES, damped_inverses, work_dtype
 from lorakern.optim.torch_engine import FactorBatch, Hyper, TorchEngine
@@ -76,19 +77,9 @@ def _fused_engine():
 
 def _number(value, name: str, low: float = 0.0, high: float | None = None, positive: bool = False) -> float:
     """value as a finite float in [low, high) ((low, high) with positive=True); TypeError / ValueError otherwise."""
-    if isinstance(value, float):  # the common case, checked at every step
-        pass
-    elif isinstance(value, torch.Tensor) and value.numel() == 1:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if (not math.isfinite(value) or value < low or (positive and value <= low)
-            or (high is not None and value >= high)):
-        lower = f"> {low}" if positive else f">= {low}"
-        upper = "" if high is None else f" and < {high}"
-        raise ValueError(f"{name} must be a finite number {lower}{upper}, got {value}")
-    return value
+    return check_number(value, name, low, high, high_open=True, low_open=positive)
 
 
 class _PairOptimizer(torch.optim.Optimizer):

@@ -43,13 +43,13 @@ To tune on an H100 (not measurable on the CPU): BLOCK_L / num_warps per rank (au
 """
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import triton
 import triton.language as tl
 
 from lorakern import _backend
+from lorakern._util import device_guard, next_pow2
 from lorakern.optim.preconditioner import GRAM_DTYPE
 from lorakern.optim.torch_engine import FactorBatch, Hyper
 
@@ -65,7 +65,7 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 
 def padded_rank(r: int) -> int:
     """tl.dot needs every dimension >= 16 and a power of two: r is padded with zeros (masked loads)."""
-    return max(16, triton.next_power_of_2(r))
+    return next_pow2(r, 16)
 
 
 def block_rows(r: int) -> int:
@@ -89,11 +89,6 @@ def gram_num_warps(r: int) -> int:
     """Warps of the Gram kernel: its (R_PAD x R_PAD) float64 accumulator needs 8 from R_PAD = 32 on (4 spill
     at 32, and fall to 32 registers with ~10 KB of spills at 128); 56 registers or fewer at R_PAD = 16."""
     return 4 if padded_rank(r) <= 16 else 8
-
-
-def device_guard(device: torch.device):
-    """Triton launches on the current CUDA device: make it the tensors' one (cuda:1 tensors on cuda:0 fail)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
