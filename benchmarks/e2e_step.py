@@ -179,6 +179,7 @@ def main(argv=None) -> dict:
             print(f"{name}: peft (or its Riemannian optimizer) is not installed, skipped", file=sys.stderr)
             continue
         results.append(row)
+        print(f"{name}: {row['step_ms']:.2f} ms/step", flush=True)  # progress: the log keeps it if killed
     floor = next((r["step_ms"] for r in results if r["variant"] == "frozen"), None)
     by_name = {r["variant"]: r for r in results}
     for row in results:

@@ -1,24 +1,32 @@
 """LoRA layer forward and forward+backward against the frozen layer and the peers, measured in one run.
 
     python benchmarks/lora_linear_bench.py --device cuda --dtype bf16 --r 16 64 --check   # the issue-4 table
+    python benchmarks/lora_linear_bench.py --device cuda --dtype bf16 --adapter-dtype bf16 fp32 \
+        --shapes 8192x4096x4096:16 8192x4096x4096:64 --variants frozen,lk-auto,lk-fused --check
     python benchmarks/lora_linear_bench.py --device cpu --dtype fp32 --shapes 512x1024x1024 --json out.json
 
-Variants (each on the same x, W, A, B):
+Shapes are MxKxN (tokens x in x out), run at every --r, or MxKxN:r (that rank only); every shape runs with
+every --adapter-dtype (default: the base dtype).
+
+Variants (each on the same x, W, A, B; the lk-* ones are one lorakern.LoRALinear run under a design):
   frozen      nn.Linear forward; backward computes dX only (W frozen): the floor
-  lorakern    lorakern.LoRALinear with the "auto" backend (Triton kernels on CUDA, C++ on the CPU)
-  lk-hybrid   (CUDA) the Triton backend with LORAKERN_BASE_GEMM=cublas: cuBLAS runs x W^T and dY W, the Triton
-              passes add the rank-r terms (and dA) in place -- the other design for the dispatch choice
-  lk-torch    lorakern.LoRALinear forced onto the plain-torch path (cuBLAS GEMMs, rank-r products as
-              separate cuBLAS calls)
+  lk-auto     lorakern's default: on CUDA the dispatch's measured choice, on the CPU the C++ operator
+  lk-cublas   torch GEMMs + the rank-r products as small GEMMs (on the CPU: the plain-torch path)
+  lk-hybrid   (CUDA) cuBLAS runs x W^T and dY W, Triton passes add the rank-r terms (and dA) in place
+  lk-fused    (CUDA) the Triton GEMM with the rank-r term as its accumulator's start
   eager       x @ W^T + b + s * (x @ A^T) @ B^T written out, autograd does the rest
   peft        peft's LoRA layer (peft.get_peft_model on a one-layer module)
   compile     torch.compile of the eager form (CUDA only; compile time excluded)
+A design is selected with lorakern.set_design (LORAKERN_BASE_GEMM with a lorakern that predates it) and
+restored afterwards. --variants picks a subset (frozen always runs: it is the floor); variants that do not
+exist on the device are dropped, so one command line serves the CPU and CUDA.
 Times are medians (CUDA events on GPU, perf_counter on CPU); ratios are to `frozen` in the same run.
 --check first compares every variant's y, dX, dA, dB with float64 (relative Frobenius error, column `err`).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 from _report import save_json  # benchmarks/ is the script folder, on sys.path
 import os
 import statistics
@@ -32,6 +40,61 @@ import lorakern as lk
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_SHAPES = ["8192x4096x4096", "8192x4096x14336", "8192x14336x4096", "2048x4096x4096"]
+# lk-* variant -> lorakern design (lorakern.set_design); every lk-* variant is the same LoRALinear module
+DESIGNS = {"lk-auto": "auto", "lk-cublas": "cublas", "lk-hybrid": "hybrid", "lk-fused": "fused"}
+VARIANTS = ["frozen", *DESIGNS, "eager", "peft", "compile"]
+CUDA_ONLY = ("lk-hybrid", "lk-fused", "compile")
+_LEGACY_BASE_GEMM = {"hybrid": "cublas", "fused": "triton"}  # LORAKERN_BASE_GEMM before set_design existed
+
+
+def parse_shape(spec: str, ranks: list[int]) -> list[tuple[int, int, int, int]]:
+    """'MxKxN' -> [(M, K, N, r) for every r in ranks]; 'MxKxN:r' -> [(M, K, N, r)]."""
+    dims, _, rank = spec.lower().partition(":")
+    try:
+        M, k, n = (int(v) for v in dims.split("x"))
+        rs = [int(rank)] if rank else list(ranks)
+    except ValueError:
+        raise ValueError(f"shape {spec!r}: expected MxKxN or MxKxN:r (tokens x in x out : rank)") from None
+    return [(M, k, n, r) for r in rs]
+
+
+def available_variants(requested: list[str], device: torch.device) -> list[str]:
+    """The requested variants that exist on `device`, in VARIANTS order, with frozen (the floor) first."""
+    unknown = sorted(set(requested) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"unknown variants {unknown}; choose from {VARIANTS}")
+    wanted = set(requested) | {"frozen"}
+    return [v for v in VARIANTS if v in wanted and (device.type == "cuda" or v not in CUDA_ONLY)]
+
+
+@contextlib.contextmanager
+def design(variant: str, device: torch.device):
+    """Runs the body under the lorakern design of an lk-* variant (other variants: as configured); restores the
+    backend, the design and LORAKERN_BASE_GEMM afterwards. On the CPU designs do not apply: lk-cublas is the
+    plain-torch path, the other lk-* variants the C++ operator. A lorakern without set_design gets the older
+    mechanism: the torch backend for cublas, LORAKERN_BASE_GEMM for hybrid / fused."""
+    name = DESIGNS.get(variant)
+    set_design, get_design = getattr(lk, "set_design", None), getattr(lk, "get_design", None)
+    saved = (lk.get_backend(), get_design() if get_design else None, os.environ.get("LORAKERN_BASE_GEMM"))
+    try:
+        if name == "cublas" and (device.type != "cuda" or set_design is None):
+            lk.set_backend("torch")
+        elif name is not None:
+            lk.set_backend("auto")  # the design decides, not a backend left in the environment
+            if device.type == "cuda" and set_design is not None:
+                set_design(name)
+            elif device.type == "cuda" and name in _LEGACY_BASE_GEMM:
+                os.environ["LORAKERN_BASE_GEMM"] = _LEGACY_BASE_GEMM[name]
+        yield
+    finally:
+        backend, previous_design, base_gemm = saved
+        lk.set_backend(backend)
+        if set_design is not None and previous_design is not None:
+            set_design(previous_design)
+        if base_gemm is None:
+            os.environ.pop("LORAKERN_BASE_GEMM", None)
+        else:
+            os.environ["LORAKERN_BASE_GEMM"] = base_gemm
 
 
 def timed(fn, device: torch.device, warmup: int, iters: int) -> float:
@@ -65,8 +128,9 @@ class _One(nn.Module):
         return self.proj(x)
 
 
-def build_variants(M, k, n, r, dtype, device, adapter_dtype=None):
-    """{name: module} sharing one base weight; every LoRA variant gets the same non-zero adapter."""
+def build_variants(M, k, n, r, dtype, device, adapter_dtype=None, variants=None):
+    """{name: module} sharing one base weight; every LoRA variant gets the same non-zero adapter. `variants`:
+    the names to keep (default: every one available here; frozen is always built)."""
     g = torch.Generator(device="cpu").manual_seed(0)
     base = nn.Linear(k, n, device=device, dtype=dtype)
     base.requires_grad_(False)
@@ -77,10 +141,8 @@ def build_variants(M, k, n, r, dtype, device, adapter_dtype=None):
     with torch.no_grad():
         ours.lora_A.copy_(A)
         ours.lora_B.copy_(B)
-    out["lorakern"] = ours
-    if device.type == "cuda":
-        out["lk-hybrid"] = ours  # same module, Triton backend with cuBLAS for the base GEMMs
-    out["lk-torch"] = ours  # same module, run with the torch backend
+    for name in DESIGNS:  # one module; `design(name, device)` selects how it runs
+        out[name] = ours
 
     class Eager(nn.Module):
         def __init__(self):
@@ -102,7 +164,8 @@ def build_variants(M, k, n, r, dtype, device, adapter_dtype=None):
         pass
     if device.type == "cuda":
         out["compile"] = torch.compile(out["eager"])
-    return out
+    keep = available_variants(variants or VARIANTS, device)
+    return {name: mod for name, mod in out.items() if name in keep}
 
 
 def _adapter_params(mod, r, k, n):
@@ -143,36 +206,37 @@ def _rel(a, ref) -> float:
     return ((a - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
-def run_shape(M, k, n, r, dtype, device, warmup, iters, adapter_dtype=None, check=False):
-    mods = build_variants(M, k, n, r, dtype, device, adapter_dtype)
+def measure(mod, x, dy, device, warmup, iters) -> dict:
+    """fwd_ms and fwd_bwd_ms of one variant (and its peak memory on CUDA)."""
+    def fwd():
+        with torch.no_grad():
+            mod(x)
+
+    def fwd_bwd():
+        x.grad = None
+        mod(x).backward(dy)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    row = {"fwd_ms": timed(fwd, device, warmup, iters), "fwd_bwd_ms": timed(fwd_bwd, device, warmup, iters)}
+    if device.type == "cuda":
+        row["peak_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    return row
+
+
+def run_shape(M, k, n, r, dtype, device, warmup, iters, adapter_dtype=None, check=False, variants=None):
+    mods = build_variants(M, k, n, r, dtype, device, adapter_dtype, variants)
     x = torch.randn(M, k, device=device, dtype=dtype, requires_grad=True)
     dy = torch.randn(M, n, device=device, dtype=dtype)
     rows = {}
     for name, mod in mods.items():
-        lk.set_backend("torch" if name == "lk-torch" else "auto")
-        os.environ["LORAKERN_BASE_GEMM"] = "cublas" if name == "lk-hybrid" else "triton"
-        err = check_errors(mod, x, dy, mods["frozen"], r) if check else None
-        for p in mod.parameters():
-            p.grad = None
-
-        def fwd():
-            with torch.no_grad():
-                mod(x)
-
-        def fwd_bwd():
-            x.grad = None
-            mod(x).backward(dy)
-
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        row = {"fwd_ms": timed(fwd, device, warmup, iters), "fwd_bwd_ms": timed(fwd_bwd, device, warmup, iters)}
-        if device.type == "cuda":
-            row["peak_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
+        with design(name, device):
+            err = check_errors(mod, x, dy, mods["frozen"], r) if check else None
+            for p in mod.parameters():
+                p.grad = None
+            rows[name] = measure(mod, x, dy, device, warmup, iters)
         if err is not None:
-            row["err"] = err
-        rows[name] = row
-    lk.set_backend("auto")
-    os.environ.pop("LORAKERN_BASE_GEMM", None)
+            rows[name]["err"] = err
     floor = rows["frozen"]
     for row in rows.values():
         row["fwd_ratio"] = row["fwd_ms"] / floor["fwd_ms"]
@@ -184,35 +248,54 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    p.add_argument("--adapter-dtype", default=None, choices=sorted(DTYPES))
-    p.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="MxKxN: tokens x in x out")
+    p.add_argument("--adapter-dtype", nargs="+", default=None, choices=sorted(DTYPES),
+                   help="one run per adapter dtype (default: the base dtype)")
+    p.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES,
+                   help="MxKxN (at every --r) or MxKxN:r: tokens x in x out : rank")
     p.add_argument("--r", type=int, nargs="+", default=[16])
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma-separated subset of {VARIANTS} (frozen always runs)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--check", action="store_true", help="compare every variant with float64 first")
     a = p.parse_args(argv)
     device, dtype = torch.device(a.device), DTYPES[a.dtype]
-    adt = DTYPES[a.adapter_dtype] if a.adapter_dtype else None
+    try:
+        cases = [case for spec in a.shapes for case in parse_shape(spec, a.r)]
+        variants = available_variants([v for v in a.variants.split(",") if v], device)
+    except ValueError as exc:
+        p.error(str(exc))
+    adapter_dtypes = a.adapter_dtype or [a.dtype]
+    print_header(device, a, adapter_dtypes)
+    header = {"device": str(device), "dtype": a.dtype, "adapter_dtypes": adapter_dtypes, "variants": variants,
+              "design_api": getattr(lk, "set_design", None) is not None, "torch": torch.__version__}
     results = []
-    print(f"device={device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), dtype={a.dtype}, "
-          f"adapter_dtype={a.adapter_dtype or a.dtype}, torch {torch.__version__}, backends {lk.backends()}")
-    print(f"{'shape':>18} {'r':>4} {'variant':>9} {'fwd ms':>9} {'x floor':>8} {'fwd+bwd ms':>11} {'x floor':>8}"
-          + (f" {'peak MiB':>8}" if device.type == "cuda" else "") + (f" {'err':>8}" if a.check else ""))
-    for shape in a.shapes:
-        M, k, n = (int(v) for v in shape.lower().split("x"))
-        for r in a.r:
-            rows = run_shape(M, k, n, r, dtype, device, a.warmup, a.iters, adt, a.check)
+    for M, k, n, r in cases:
+        for ad in adapter_dtypes:
+            rows = run_shape(M, k, n, r, dtype, device, a.warmup, a.iters, DTYPES[ad], a.check, variants)
             for name, row in rows.items():
-                extra = f" {row.get('peak_mib', 0):8.0f}" if "peak_mib" in row else ""
-                extra += f" {row['err']:8.1e}" if "err" in row else ""
-                print(f"{shape:>18} {r:>4} {name:>9} {row['fwd_ms']:9.3f} {row['fwd_ratio']:8.2f} "
-                      f"{row['fwd_bwd_ms']:11.3f} {row['fwd_bwd_ratio']:8.2f}{extra}")
-                results.append({"shape": shape, "r": r, "variant": name, **row})
-    save_json(a.json, {"device": str(device), "dtype": a.dtype, "adapter_dtype": a.adapter_dtype,
-                       "torch": torch.__version__, "results": results})
+                results.append({"shape": f"{M}x{k}x{n}", "r": r, "adapter_dtype": ad, "variant": name, **row})
+                print_row(results[-1])
+            save_json(a.json, {**header, "complete": False, "results": results})  # what survives a kill
+    save_json(a.json, {**header, "complete": True, "results": results})
     return results
 
+
+def print_header(device, a, adapter_dtypes):
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"device={device} ({name}), dtype={a.dtype}, adapter_dtypes={adapter_dtypes}, torch {torch.__version__}, "
+          f"backends {lk.backends()}")
+    extra = (f" {'peak MiB':>8}" if device.type == "cuda" else "") + (f" {'err':>8}" if a.check else "")
+    print(f"{'shape':>18} {'r':>4} {'adapter':>7} {'variant':>9} {'fwd ms':>9} {'x floor':>8} {'fwd+bwd ms':>11} "
+          f"{'x floor':>8}{extra}")
+
+
+def print_row(row):
+    extra = f" {row['peak_mib']:8.0f}" if "peak_mib" in row else ""
+    extra += f" {row['err']:8.1e}" if "err" in row else ""
+    print(f"{row['shape']:>18} {row['r']:>4} {row['adapter_dtype']:>7} {row['variant']:>9} {row['fwd_ms']:9.3f} "
+          f"{row['fwd_ratio']:8.2f} {row['fwd_bwd_ms']:11.3f} {row['fwd_bwd_ratio']:8.2f}{extra}", flush=True)
 
 if __name__ == "__main__":
     sys.exit(0 if main() else 1)

@@ -194,3 +194,16 @@ def test_failure_is_remembered_per_case_on_cuda_dispatch(monkeypatch):
     assert not dispatch.has_failed(case)
     dispatch.mark_failed(case)
     assert dispatch.has_failed(case)
+
+
+def test_torch_compile_with_dropout_draws_fresh_masks():
+    """Through torch.compile the kernels are custom ops; the RNG state they advance is a declared mutation,
+    so a compiled layer with dropout still draws a new mask per call and trains (fullgraph, no graph break)."""
+    layer = lk.LoRALinear(20, 12, r=3, dropout=0.4)
+    torch.nn.init.normal_(layer.lora_B)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(6, 20, requires_grad=True)
+    y1, y2 = compiled(x), compiled(x)
+    assert not torch.equal(y1, y2)
+    y1.sum().backward()
+    assert layer.lora_A.grad is not None and torch.isfinite(layer.lora_A.grad).all()

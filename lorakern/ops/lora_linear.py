@@ -115,7 +115,12 @@ class _TritonImpl:
     def forward(self, x, weight, bias, lora_A, lora_B, scaling, dropout_p, generator, needs):
         kt = _triton_ops()
         x = x if x.stride(-1) == 1 else x.contiguous()
-        rng = kt.rng_state(x.device, generator) if dropout_p > 0.0 else None
+        rng = None
+        if dropout_p > 0.0:
+            # Under torch.compile the pair is drawn from torch's RNG inside the graph (the persistent state's
+            # host-side seed bookkeeping cannot be traced): also a fresh mask per call, and graph-safe.
+            rng = (torch.randint(0, 2**62, (2,), device=x.device, dtype=torch.int64)
+                   if generator is None and torch.compiler.is_compiling() else kt.rng_state(x.device, generator))
         grads = (needs[0], needs[3], needs[4])
         if _direct_call(x, weight, bias, lora_A, lora_B):
             y, xa, rng_call = kt.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, rng,
