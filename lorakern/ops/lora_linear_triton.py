@@ -596,6 +596,15 @@ def launch_reduce(*, part_a=None, out_a=None, part_b=None, out_b=None, scaling: 
 # The operation: forward and backward
 # ----------------------------------------------------------------------------------------------------------
 _empty = torch.empty  # one name for every buffer the kernels overwrite (tests fill them with NaN)
+_no_rngs: dict = {}
+
+
+def _no_rng(device: torch.device) -> torch.Tensor:
+    """The empty int64 tensor a forward without dropout returns as its RNG snapshot (one per device)."""
+    t = _no_rngs.get(device)
+    if t is None:
+        t = _no_rngs[device] = torch.empty((0,), device=device, dtype=torch.int64)
+    return t
 _compiled: set = set()  # variants whose kernels all compiled (forward and the backward the caller needs)
 
 
@@ -646,7 +655,7 @@ def forward(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, r
     xa = _empty((M, R), device=x.device, dtype=torch.float32)
     y = _empty((M, N), device=x.device, dtype=x.dtype)
     # (seed, counter) of this call for the backward; empty without dropout (custom ops return no None)
-    rng_call = _empty((2 if dropout_p > 0.0 else 0,), device=x.device, dtype=torch.int64)
+    rng_call = _empty((2,), device=x.device, dtype=torch.int64) if dropout_p > 0.0 else _no_rng(x.device)
     rng_fwd = rng if dropout_p > 0.0 else None
     with device_guard(x.device):
         _ensure_compiled(x, weight, bias, lora_A, lora_B, dropout_p, hybrid, cfgs, precs, lora_fp32, need_grads)
@@ -772,8 +781,10 @@ def forward_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
                lora_B: torch.Tensor, scaling: float, dropout_p: float, rng: Optional[torch.Tensor], hybrid: bool,
                need_dx: bool, need_dA: bool, need_dB: bool
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, rng, hybrid=hybrid,
-                   configs=_op_configs(x, weight, lora_A, dropout_p), need_grads=(need_dx, need_dA, need_dB))
+    y, xa, rng_call = forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, rng, hybrid=hybrid,
+                              configs=_op_configs(x, weight, lora_A, dropout_p), need_grads=(need_dx, need_dA, need_dB))
+    # a custom op returns fresh tensors: not the shared empty snapshot of the no-dropout case
+    return y, xa, rng_call if dropout_p > 0.0 else torch.empty((0,), device=x.device, dtype=torch.int64)
 
 
 @forward_op.register_fake
