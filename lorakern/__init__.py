@@ -2,6 +2,7 @@
 from lorakern import init, linalg, ops
 from lorakern._backend import backends, get_backend, get_design, set_backend, set_design
 from lorakern.capture import capture_gradients
+from lorakern.integrations.peft_accel import accelerate, restore
 from lorakern.layer import LoRALinear
 from lorakern.model import apply_lora, lora_modules, merge_lora, remove_lora, unmerge_lora
 from lorakern.peft_io import load_adapter, save_adapter
@@ -16,4 +17,5 @@ __all__ = [
     "LoRALinear", "apply_lora", "lora_modules", "merge_lora", "unmerge_lora", "remove_lora",
     "save_adapter", "load_adapter", "backends", "set_backend", "get_backend", "init", "linalg", "ops",
     "spectral_init", "capture_gradients", "optim", "theory", "set_design", "get_design", "tune",
+    "accelerate", "restore",
 ]

@@ -108,11 +108,11 @@ def _mask(kt, case: Case, M: int, seed: int, device: torch.device) -> torch.Tens
     x = (1 + torch.rand(M, K, device=device))
     rng = torch.tensor([seed, 0], dtype=torch.int64, device=device)
     eye = torch.eye(K, device=device)
-    y, _, _ = kt.forward(x, torch.zeros(K, K, device=device), None, eye, eye, 1.0, case.dropout, rng)
+    y, _ = kt.forward(x, torch.zeros(K, K, device=device), None, eye, eye, 1.0, case.dropout, rng)
     return y != 0
 
 
-def run_case(case: Case, device: torch.device, seed: int = 0) -> dict:
+def run_case(case: Case, device: torch.device, seed: int = 0, configs: dict | None = None) -> dict:
     """Runs one case and returns its errors; raises nothing for wrong numbers (they are reported)."""
     from lorakern.ops import lora_linear_triton as kt
     gen = torch.Generator().manual_seed(seed)
@@ -140,10 +140,11 @@ def run_case(case: Case, device: torch.device, seed: int = 0) -> dict:
             _backend._settings = saved
         keep = None  # no dropout in the 3-D case (its mask would come from the generator's draw)
     else:
-        y, xa, rng_call = kt.forward(x2, W, b, A, B, s, p, rng, hybrid=case.design == "hybrid", need_grads=need)
+        y, xa = kt.forward(x2, W, b, A, B, s, p, rng, hybrid=case.design == "hybrid", need_grads=need,
+                           configs=configs)
         dy = torch.randn(y.shape, generator=gen).to(device=device, dtype=y.dtype)
-        dx, dA, dB = kt.backward(dy, x2 if x2.stride(1) == 1 else x2.contiguous(), xa, W, A, B, s, p, rng_call,
-                                 *need, hybrid=case.design == "hybrid")
+        dx, dA, dB = kt.backward(dy, x2 if x2.stride(1) == 1 else x2.contiguous(), xa, W, A, B, s, p, rng,
+                                 *need, hybrid=case.design == "hybrid", configs=configs)
         keep = _mask(kt, case, M, rng_seed, device)
     # float64 reference with the same mask
     X, Wd, Ad, Bd = (t.detach().double().cpu() for t in (x2, W, A, B))
@@ -157,6 +158,45 @@ def run_case(case: Case, device: torch.device, seed: int = 0) -> dict:
     keep_frac = None if keep is None else keep.float().mean().item()
     mask_ok = keep_frac is None or abs(keep_frac - (1 - p)) < 4 * (p * (1 - p) / keep.numel()) ** 0.5 + 1e-3
     return {"errors": errs, "keep_fraction": keep_frac, "mask_ok": mask_ok}
+
+
+def dropout_key_check(device: torch.device) -> str | None:
+    """Through the public op: two calls draw different masks, and torch.manual_seed reproduces them. None when
+    that holds, else what failed."""
+    saved = _backend.settings()
+    try:
+        lk.set_backend("triton")
+        lk.set_design("fused")
+        K = 64
+        x, W, eye = torch.ones(48, K, device=device), torch.zeros(K, K, device=device), torch.eye(K, device=device)
+        def masks():
+            torch.manual_seed(99)
+            return [lk.ops.lora_linear(x, W, None, eye, eye, 1.0, 0.5) != 0 for _ in range(2)]
+        first, again = masks(), masks()
+    finally:
+        _backend._settings = saved
+    if torch.equal(first[0], first[1]):
+        return "two calls drew the same dropout mask"
+    if not (torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])):
+        return "torch.manual_seed did not reproduce the dropout masks"
+    return None
+
+
+def tuned_cases(arch: str, gpu: bool, limit: int = 8) -> list[tuple[Case, dict, str]]:
+    """One case per distinct measured config set of this architecture (what `tune` wrote and auto runs)."""
+    out, seen = [], set()
+    M, K, N = (333, 301, 517) if gpu else (37, 45, 29)
+    for key, entry in sorted(dispatch.entries(arch).items()):
+        c = dispatch.Case.from_key(key)
+        for design, configs in sorted((entry.get("configs") or {}).items()):
+            sig = (c.x_dtype, c.adapter_dtype, design, repr(configs))
+            if sig in seen or len(out) >= limit:
+                continue
+            seen.add(sig)
+            x = "fp32" if c.x_dtype in ("fp32", "tf32") else c.x_dtype
+            out.append((Case(x, c.adapter_dtype, M, K, N, min(c.r_bucket, 64), 0.1 if c.dropout else 0.0, True,
+                             design), configs, key))
+    return out
 
 
 def environment() -> dict:
@@ -200,24 +240,26 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     from lorakern.ops import lora_linear_triton as kt
-    todo = cases(device.type == "cuda")
+    todo = [(case, None, "") for case in cases(device.type == "cuda")]
+    todo += tuned_cases(info["arch"], device.type == "cuda")
     t0 = time.perf_counter()
     variants = []
-    for case in todo:  # compile everything first, in parallel where Triton can
+    for case, configs, _ in todo:  # compile everything first, in parallel where Triton can
         x, W, b, A, B = _inputs(case, device, torch.Generator().manual_seed(0))
         variants.append(kt.variant(x.reshape(-1, case.K), W, b, A, B, case.dropout, hybrid=case.design == "hybrid",
+                                   configs=configs,
                                    need_grads=("x" in case.grads, "A" in case.grads, "B" in case.grads)))
     compile_failures = {id(v): f for v, f in kt.precompile(variants)}
     compile_s = time.perf_counter() - t0
     rows, failed = [], 0
     header = f"{'case':<58} {'y':>9} {'dx':>9} {'dA':>9} {'dB':>9}  tol       status"
     print(f"\n{header}\n{'-' * len(header)}")
-    for case, v in zip(todo, variants):
+    for (case, configs, source), v in zip(todo, variants):
         tol = tolerance(case)
         failure = compile_failures.get(id(v))
         if failure is None:
             try:
-                res = run_case(case, device)
+                res = run_case(case, device, configs=configs)
             except Exception as exc:  # a launch failure is a failed case, reported with its name
                 res = {"errors": {}, "exception": f"{type(exc).__name__}: {exc}"}
         else:
@@ -229,15 +271,22 @@ def main(argv: list[str] | None = None) -> int:
         status = "ok" if ok else ("FAILED: " + (res.get("exception") or
                                                  (f"{', '.join(bad)} above tolerance" if bad else "dropout mask rate")))
         cells = " ".join(f"{errs.get(k, float('nan')):9.2e}" for k in ("y", "dx", "dA", "dB"))
-        print(f"{case.name():<58} {cells}  {tol:.1e}  {status}")
-        rows.append({"case": asdict(case), "name": case.name(), "tolerance": tol, "ok": ok, **res})
+        name = case.name() + (" tuned" if source else "")
+        print(f"{name:<58} {cells}  {tol:.1e}  {status}")
+        rows.append({"case": asdict(case), "name": name, "tolerance": tol, "ok": ok, "tuned_for": source or None,
+                     "configs": configs, **res})
+    rng_problem = dropout_key_check(device)
+    print(f"{'dropout key: fresh mask per call, reproduced by manual_seed':<58} {'':39}  "
+          f"{'ok' if rng_problem is None else 'FAILED: ' + rng_problem}")
+    failed += rng_problem is not None
     total_s = time.perf_counter() - t0
-    print(f"\n{len(todo) - failed}/{len(todo)} cases passed (compile {compile_s:.1f} s, total {total_s:.1f} s)")
+    print(f"\n{len(todo) + 1 - failed}/{len(todo) + 1} checks passed (compile {compile_s:.1f} s, total {total_s:.1f} s)")
     if failed:
         print("FAILED cases name the kernels' design, dtypes (activation/adapter) and shape (tokens x in -> out)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"environment": info, "cases": rows, "failed": failed, "compile_s": compile_s,
+            json.dump({"environment": info, "cases": rows, "dropout_key": rng_problem or "ok", "failed": failed,
+                       "compile_s": compile_s,
                        "total_s": total_s}, f, indent=1, default=str)
     return 1 if failed else 0
 

@@ -55,7 +55,7 @@ def test_nearest_tokens_bucket_within_4x():
     assert dispatch.choose(_case(m=1024), entries) == "cublas"  # 8x away: not a measurement of this case
     closer = dict(entries, **{_case(m=2048).key(): _entry(cublas=0.5, fused=1.0)})
     assert dispatch.choose(_case(m=2048), closer) == "cublas"
-    assert dispatch.choose(_case(m=4096), closer) in ("cublas", "fused")  # equidistant: either measurement
+    assert dispatch.choose(_case(m=4096), closer) == "cublas"  # equidistant: the smaller bucket's measurement
 
 
 def test_dropout_and_dtypes_are_part_of_the_case():
@@ -63,6 +63,49 @@ def test_dropout_and_dtypes_are_part_of_the_case():
     assert dispatch.choose(_case(drop=True), entries) == "cublas"
     assert dispatch.choose(_case(ad="fp32"), entries) == "cublas"
     assert dispatch.choose(_case(arch="sm_80"), entries) == "cublas"
+
+
+XA_CFG = {"BLOCK_M": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
+
+
+@pytest.mark.parametrize("kernel, config, ok", [
+    ("xa", XA_CFG, True),
+    ("xa", dict(XA_CFG, BLOCK_R=16), False),          # a derived value: the launcher's, never a table's
+    ("xa", {k: v for k, v in XA_CFG.items() if k != "BLOCK_M"}, False),
+    ("xa", dict(XA_CFG, BLOCK_K=96), False),          # not a power of two
+    ("xa", dict(XA_CFG, BLOCK_K=8), False),           # below tl.dot's 16
+    ("xa", dict(XA_CFG, num_warps=True), False),
+    ("dy", {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}, True),
+    ("gemm_bwd", {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
+     True),
+    ("gemm_fwd", {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4}, False),
+    ("reduce", XA_CFG, False),
+])
+def test_config_schema(kernel, config, ok):
+    assert dispatch.valid_config(kernel, config) is ok
+
+
+def test_the_kernels_own_configs_pass_the_schema():
+    from lorakern.ops import lora_linear_triton as kt
+    for dtype in (torch.bfloat16, torch.float32):
+        for kernel, cfg in kt.default_configs(dtype).items():
+            assert dispatch.valid_config(kernel, cfg), (kernel, cfg)
+            assert all(dispatch.valid_config(kernel, c) for c in kt.candidates(dtype, kernel))
+
+
+def test_concurrent_writers_keep_each_others_entries(tmp_path):
+    import threading
+    path = tmp_path / "dispatch.json"
+    keys = [_case(k=16 * (i + 1)).key() for i in range(8)]
+    threads = [threading.Thread(target=dispatch.write_entries, args=("sm_90", {k: _entry(cublas=1.0)}, path))
+               for k in keys]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    data = json.loads(path.read_text())
+    assert set(data["tables"]["sm_90"]["entries"]) == set(keys)
+    dispatch.reload()
 
 
 # ---- files -------------------------------------------------------------------------------------------------
@@ -86,12 +129,13 @@ def _table(arch="sm_90", triton=None, entries=None):
 def test_write_then_read_round_trip(cache):
     key = _case().key()
     path = dispatch.write_entries("sm_90", {key: {"ms": {"cublas": 1.0, "fused": 0.7},
-                                                  "configs": {"xa": {"BLOCK_M": 64, "BLOCK_K": 128}}}})
+                                                  "configs": {"fused": {"xa": XA_CFG}}}})
     assert path == cache
     assert dispatch.entries("sm_90")[key]["ms"]["fused"] == 0.7
     dispatch.write_entries("sm_90", {_case(k=1024).key(): {"ms": {"cublas": 1.0}}})  # merged, not replaced
     assert set(dispatch.entries("sm_90")) == {key, _case(k=1024).key()}
-    assert dispatch.configs_for(_case(), dispatch.entries("sm_90")) == {"xa": {"BLOCK_M": 64, "BLOCK_K": 128}}
+    assert dispatch.configs_for(_case(), dispatch.entries("sm_90"), "fused") == {"xa": XA_CFG}
+    assert dispatch.configs_for(_case(), dispatch.entries("sm_90"), "hybrid") is None
 
 
 @pytest.mark.parametrize("content, match", [
@@ -123,7 +167,7 @@ def test_malformed_entries_are_dropped_with_a_warning(cache):
                                   "sm_90|bf16|bf16|m8192|4096x4096|r16": _entry(fused=0.5),   # short key
                                   _case(k=64).key(): _entry(fused=float("nan")),
                                   _case(k=128).key(): _entry(warp_specialized=0.1),
-                                  _case(k=256).key(): {"ms": {"fused": 1.0}, "configs": {"xa": {"BLOCK_M": -1}}},
+                                  _case(k=256).key(): {"ms": {"fused": 1.0}, "configs": {"fused": {"xa": {"BLOCK_M": -1}}}},
                                   _case(arch="sm_80").key(): _entry(fused=0.5)}))        # under the wrong arch
     with pytest.warns(UserWarning, match="ignoring 5 malformed entries"):
         assert set(dispatch.entries("sm_90")) == {good}

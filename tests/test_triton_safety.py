@@ -1,6 +1,7 @@
 """The GPU path's safety properties, checked under Triton's interpreter: deterministic adapter gradients,
-a dropout RNG that lives on the device (fresh mask per call, the same one in forward and backward, no host
-read), and a fallback to the cuBLAS/torch path with one warning when a kernel fails to compile."""
+a dropout key drawn on the device from torch's generator (fresh mask per call, the same one in forward and
+backward, no host read, reproduced by torch's RNG state and by activation checkpointing), and a fallback to
+the cuBLAS/torch path with one warning when a kernel fails to compile."""
 import importlib
 import warnings
 
@@ -108,31 +109,51 @@ def test_dropout_fresh_mask_each_call_same_mask_forward_and_backward():
     assert abs(keep.float().mean().item() - (1 - p)) < 0.04  # 851 draws: sd 0.016
 
 
-def test_manual_seed_reproduces_the_masks():
-    """On the CPU the state follows torch.initial_seed(): a new seed renews it (on CUDA also re-seeding with
-    the same seed does: tests/test_gpu.py)."""
+def test_torch_rng_state_reproduces_the_masks():
+    """The key is drawn from torch's generator: manual_seed and get/set_rng_state reproduce the masks."""
     torch.manual_seed(7)
     masks = [_identity_layer_mask(9, 20, 0.5)[3] != 0 for _ in range(2)]
-    torch.manual_seed(8)
-    other = _identity_layer_mask(9, 20, 0.5)[3] != 0
     torch.manual_seed(7)
     again = [_identity_layer_mask(9, 20, 0.5)[3] != 0 for _ in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(masks, again)) and not torch.equal(*masks)
-    assert not torch.equal(other, masks[0])
+    state = torch.get_rng_state()
+    first = _identity_layer_mask(9, 20, 0.5)[3] != 0
+    torch.set_rng_state(state)
+    assert torch.equal(first, _identity_layer_mask(9, 20, 0.5)[3] != 0)
 
 
-def test_the_counter_advances_on_the_device(kt, monkeypatch):
-    """Each forward's GEMM kernel increments the state's counter itself (what a CUDA-graph replay re-runs);
-    the host never writes it after creating it."""
-    torch.manual_seed(11)
-    state = kt.rng_state(torch.device("cpu"))
-    seed, ctr = state.tolist()
-    for _ in range(3):
-        _identity_layer_mask(5, 8, 0.5)
-    assert state.tolist() == [seed, ctr + 3]
-    monkeypatch.setattr(torch.Tensor, "copy_", lambda *a, **k: pytest.fail("the host wrote the RNG state"))
-    _identity_layer_mask(5, 8, 0.5)
-    assert state.tolist() == [seed, ctr + 4]
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_with_dropout_gives_the_plain_gradients(reentrant):
+    """checkpoint() recomputes the forward after restoring torch's RNG state: the recomputation must draw the
+    mask the loss was computed with (a counter outside torch's RNG state broke this)."""
+    from torch.utils.checkpoint import checkpoint
+    layer = lk.LoRALinear(40, 24, r=4, dropout=0.3)
+    torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(2, 15, 40, requires_grad=True)
+    grads = []
+    for use_ckpt in (False, True):
+        layer.zero_grad()
+        x.grad = None
+        torch.manual_seed(5)
+        y = checkpoint(layer, x, use_reentrant=reentrant) if use_ckpt else layer(x)
+        y.pow(2).sum().backward()
+        grads.append((y.detach(), x.grad.clone(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone()))
+    for plain, ckpt in zip(*grads):
+        assert rel_err(ckpt, plain) < 1e-6
+
+
+def test_fake_tensor_tracing_with_dropout_leaves_the_real_path_intact():
+    """A FakeTensorMode pass with dropout reaches the custom op's fake and leaves nothing behind that a later
+    real call would trip on (no fallback warning)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    layer = lk.LoRALinear(30, 17, r=4, dropout=0.2)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        y = ops.lora_linear(mode.from_tensor(torch.randn(5, 30)), mode.from_tensor(layer.weight), None,
+                            mode.from_tensor(layer.lora_A), mode.from_tensor(layer.lora_B), 0.5, 0.2)
+        assert y.shape == (5, 17)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(torch.randn(5, 30)).sum().backward()
 
 
 def test_no_host_read_of_the_seed(monkeypatch):
@@ -141,7 +162,7 @@ def test_no_host_read_of_the_seed(monkeypatch):
     layer = lk.LoRALinear(30, 17, r=4, dropout=0.2)
     torch.nn.init.normal_(layer.lora_B)
     x = torch.randn(3, 7, 30, requires_grad=True)
-    layer(x).sum().backward()  # the RNG state exists before the guarded call, as before a graph capture
+    layer(x).sum().backward()  # compiled and warm before the guarded call, as before a graph capture
     for name in ("item", "tolist", "__int__", "__index__", "__bool__", "__float__"):
         monkeypatch.setattr(torch.Tensor, name, lambda *a, _n=name, **k: pytest.fail(f"host read: Tensor.{_n}"))
     layer(x).sum().backward()
@@ -207,3 +228,46 @@ def test_torch_compile_with_dropout_draws_fresh_masks():
     assert not torch.equal(y1, y2)
     y1.sum().backward()
     assert layer.lora_A.grad is not None and torch.isfinite(layer.lora_A.grad).all()
+
+
+def test_partial_buffers_beyond_the_budget_take_the_torch_path(monkeypatch):
+    """The deterministic reduction's partial sums grow with the tokens: past the budget the layer runs the
+    torch path (with one warning when the Triton backend was forced), never an out-of-memory surprise."""
+    from lorakern.ops import lora_linear_triton as kt
+    x, W, A, B = torch.randn(64, 40), torch.randn(30, 40), torch.randn(3, 40), torch.randn(30, 3)
+    need = kt.partial_bytes(64, 40, 30, 3, torch.float32)
+    assert need == 4 * 3 * (-(-64 // 16) * 30 + -(-64 // 32) * 40)  # interpreter tiles: dy 16 rows, GEMM 32
+    monkeypatch.setattr(ops, "PARTIAL_BUDGET_BYTES", need - 1)
+    monkeypatch.setattr(ops, "_warned_partials", False)
+    with pytest.warns(UserWarning, match="partial sums"):
+        assert ops._choose(x, W, A, 0.0) is ops._TORCH
+    monkeypatch.setattr(ops, "PARTIAL_BUDGET_BYTES", need)
+    assert isinstance(ops._choose(x, W, A, 0.0), ops._TritonImpl)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_a_backward_launch_failure(kt, monkeypatch, p):
+    """Without dropout a backward kernel that fails at launch falls back (x and xa are enough) with a
+    warning; with dropout the mask exists only in the kernels, so the failure is raised, naming the kernel."""
+    monkeypatch.setattr(ops, "_warned_failures", set())
+    layer = lk.LoRALinear(33, 21, r=5, dropout=p)
+    torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(2, 9, 33, requires_grad=True)
+    torch.manual_seed(0)
+    y = layer(x)
+
+    def broken(*args, **kwargs):
+        raise kt.KernelFailure("gemm_bwd", {"BLOCK_M": 32}, RuntimeError("launch failed"))
+    monkeypatch.setattr(kt, "backward", broken)
+    if p > 0:
+        with pytest.raises(kt.KernelFailure, match="gemm_bwd"):
+            y.sum().backward()
+        return
+    with pytest.warns(UserWarning, match="Triton kernel gemm_bwd"):
+        y.sum().backward()
+    grads = (x.grad.clone(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone())
+    x.grad = layer.lora_A.grad = layer.lora_B.grad = None
+    lk.set_backend("torch")
+    layer(x).sum().backward()
+    for g, r in zip(grads, (x.grad, layer.lora_A.grad, layer.lora_B.grad)):
+        assert rel_err(g, r) < 1e-6

@@ -28,7 +28,8 @@ def test_dry_run_writes_a_table_the_dispatcher_reads(tmp_path, monkeypatch):
     data = json.loads(out.read_text())
     (key, entry), = data["entries"].items()
     assert set(entry["ms"]) == {"cublas", "hybrid", "fused"} and all(t > 0 for t in entry["ms"].values())
-    assert set(entry["configs"]) == {"xa", "dy", "gemm_fwd", "gemm_bwd"}
+    assert set(entry["configs"]) == {"hybrid", "fused"}
+    assert all(set(c) == {"xa", "dy", "gemm_fwd", "gemm_bwd"} for c in entry["configs"].values())
     assert data["chosen"][key] in dispatch.DESIGNS
     monkeypatch.setenv("LORAKERN_CACHE_DIR", str(tmp_path))
     dispatch.reload()
@@ -38,8 +39,8 @@ def test_dry_run_writes_a_table_the_dispatcher_reads(tmp_path, monkeypatch):
         case, design, configs = dispatch.design_for("cpu", torch.float32, torch.float32, 37, 45, 29, 3, False,
                                                     tf32=False)
         assert case.key() == key and design == data["chosen"][key]
-        assert configs == (None if design == "cublas" else entry["configs"])
-        assert dispatch.configs_for(case, table) == entry["configs"]
+        assert configs == entry["configs"]
+        assert dispatch.configs_for(case, table, "fused") == entry["configs"]["fused"]
     finally:
         dispatch.reload()
 
@@ -71,3 +72,20 @@ def test_tune_a_model_measures_each_distinct_layer_once(tmp_path):
     assert all(k.endswith("|drop") for k in results) and (tmp_path / "d.json").exists()
     with pytest.raises(ValueError, match="nothing to measure"):
         lk.tune(torch.nn.Linear(3, 3), dry_run=True)
+
+
+@needs_interpreter
+def test_a_candidate_with_wrong_results_is_rejected(monkeypatch):
+    """tune compares each candidate's outputs with the cuBLAS path's before timing it: a miscompiled tile
+    (simulated: the GEMM's BLOCK_M=16 candidate made wrong) never enters the table."""
+    from lorakern.ops import lora_linear_triton as kt
+    real = kt.launch_gemm_forward
+
+    def wrong_for_small_tiles(*, scaling, cfg, **kw):
+        real(scaling=scaling * (1.5 if cfg["BLOCK_M"] == 16 else 1.0), cfg=cfg, **kw)
+    monkeypatch.setattr(kt, "launch_gemm_forward", wrong_for_small_tiles)
+    lines = []
+    case, entry = tuner.tune_case(37, 45, 29, 3, torch.float32, torch.float32, 0.0, torch.device("cpu"),
+                                  dry_run=True, log=lines.append)
+    assert any("rejected: fused" in ln for ln in lines)
+    assert entry["configs"]["fused"]["gemm_fwd"]["BLOCK_M"] != 16

@@ -107,10 +107,10 @@ def choose(case: Case, entries: Mapping[str, dict]) -> str:
     return min(times, key=times.get)
 
 
-def configs_for(case: Case, entries: Mapping[str, dict]) -> dict | None:
-    """The kernel configs `tune` measured for this case (None: the kernels' defaults)."""
+def configs_for(case: Case, entries: Mapping[str, dict], design: str) -> dict | None:
+    """The kernel configs `tune` timed `design` with for this case (None: the kernels' defaults)."""
     entry = lookup(case, entries)
-    return None if entry is None else entry.get("configs")
+    return None if entry is None else (entry.get("configs") or {}).get(design)
 
 
 def fp32_matmul_is_exact() -> bool:
@@ -147,6 +147,33 @@ def _triton_release() -> str:
     return ".".join(triton.__version__.split(".")[:2])
 
 
+# The launch parameters each kernel's config holds: exactly these, powers of two within these bounds (a
+# table can only choose tiles, never a derived value such as BLOCK_R, or sizes the kernels cannot take).
+CONFIG_SCHEMA = {
+    "xa": {"BLOCK_M": (16, 256), "BLOCK_K": (16, 512)},
+    "dy": {"BLOCK_M": (16, 256), "BLOCK_N": (16, 512)},
+    "gemm_fwd": {"BLOCK_M": (16, 256), "BLOCK_N": (16, 256), "BLOCK_K": (16, 256), "GROUP_M": (1, 64)},
+    "gemm_bwd": {"BLOCK_M": (16, 256), "BLOCK_N": (16, 256), "BLOCK_K": (16, 256), "GROUP_M": (1, 64)},
+}
+_LAUNCH = {"num_warps": (1, 16), "num_stages": (1, 8)}
+
+
+def valid_config(kernel: str, config) -> bool:
+    """Whether `config` is a complete, sane launch config for `kernel` ("xa", "dy", "gemm_fwd", "gemm_bwd")."""
+    schema = CONFIG_SCHEMA.get(kernel)
+    if schema is None or not isinstance(config, dict) or set(config) != set(schema) | set(_LAUNCH):
+        return False
+    for name, (lo, hi) in {**schema, **_LAUNCH}.items():
+        v = config[name]
+        if name == "num_stages":
+            ok = isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+        else:
+            ok = isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi and v & (v - 1) == 0
+        if not ok:
+            return False
+    return True
+
+
 def _valid_entry(key: str, entry) -> bool:
     try:
         Case.from_key(key)
@@ -158,8 +185,9 @@ def _valid_entry(key: str, entry) -> bool:
         return False
     configs = entry.get("configs")
     return configs is None or (isinstance(configs, dict) and all(
-        isinstance(c, dict) and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in c.values())
-        for c in configs.values()))
+        design in TRITON_DESIGNS and isinstance(per_kernel, dict)
+        and all(valid_config(k, c) for k, c in per_kernel.items())
+        for design, per_kernel in configs.items()))
 
 
 def read_table(path: Path, arch: str) -> dict[str, dict]:
@@ -200,8 +228,22 @@ def read_table(path: Path, arch: str) -> dict[str, dict]:
 
 
 def write_entries(arch: str, entries: Mapping[str, dict], path: Path | None = None) -> Path:
-    """Merge `entries` into the cache file for `arch` (atomically: a crash leaves the old file)."""
+    """Merge `entries` into the cache file for `arch`: under an exclusive lock (two `tune` processes keep both
+    their entries) and atomically (a crash leaves the old file)."""
     path = Path(path) if path is not None else cache_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        try:
+            import fcntl
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except ImportError:  # not POSIX: no lock
+            pass
+        _merge_into(path, arch, entries)
+    reload()
+    return path
+
+
+def _merge_into(path: Path, arch: str, entries: Mapping[str, dict]) -> Path:
     data = {"format": FORMAT, "tables": {}}
     if path.exists():
         try:
@@ -215,12 +257,10 @@ def write_entries(arch: str, entries: Mapping[str, dict], path: Path | None = No
         table = {"triton": _triton_release(), "torch": torch.__version__, "entries": {}}
     table["entries"].update(entries)
     data["tables"][arch] = table
-    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".dispatch-", suffix=".json")
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=1, sort_keys=True)
     os.replace(tmp, path)
-    reload()
     return path
 
 
@@ -258,13 +298,15 @@ def mark_failed(case: Case) -> None:
 
 
 def design_for(arch: str, x_dtype, adapter_dtype, M: int, K: int, N: int, r: int, dropout: bool,
-               tf32: bool) -> tuple[Case, str, dict | None]:
-    """(case, design, kernel configs) for a layer call; cached per call signature."""
+               tf32: bool) -> tuple[Case, str, dict]:
+    """(case, measured design, {design: kernel configs} as tune timed them) for a layer call; cached per call
+    signature."""
     sig = (arch, x_dtype, adapter_dtype, max(int(M) - 1, 0).bit_length(), K, N, r, dropout, tf32)
     hit = _decisions.get(sig)
     if hit is None:
         case = make_case(arch, x_dtype, adapter_dtype, M, K, N, r, dropout, tf32)
         table = entries(arch)
         design = "cublas" if case.key() in _failed else choose(case, table)
-        hit = _decisions[sig] = (case, design, configs_for(case, table) if design != "cublas" else None)
+        entry = lookup(case, table)
+        hit = _decisions[sig] = (case, design, (entry or {}).get("configs") or {})
     return hit

@@ -106,8 +106,8 @@ class _CppImpl(_TorchImpl):
 
 class _TritonImpl:
     """The Triton kernels, in the hybrid or the fused design, with the configs `tune` measured (or defaults).
-    Dropout from the device-side RNG state (lora_linear_triton.rng_state): x and a 2-element snapshot of the
-    state are saved, never a mask."""
+    Dropout from a 2-element key drawn on the device per call (lora_linear_triton.draw_rng): x and the key are
+    saved, never a mask."""
 
     def __init__(self, design: str, configs: dict | None = None, case=None):
         self.name, self.hybrid, self.configs, self.case = design, design == "hybrid", configs, case
@@ -115,33 +115,42 @@ class _TritonImpl:
     def forward(self, x, weight, bias, lora_A, lora_B, scaling, dropout_p, generator, needs):
         kt = _triton_ops()
         x = x if x.stride(-1) == 1 else x.contiguous()
-        rng = None
-        if dropout_p > 0.0:
-            # Under torch.compile the pair is drawn from torch's RNG inside the graph (the persistent state's
-            # host-side seed bookkeeping cannot be traced): also a fresh mask per call, and graph-safe.
-            rng = (torch.randint(0, 2**62, (2,), device=x.device, dtype=torch.int64)
-                   if generator is None and torch.compiler.is_compiling() else kt.rng_state(x.device, generator))
         grads = (needs[0], needs[3], needs[4])
-        if _direct_call(x, weight, bias, lora_A, lora_B):
-            y, xa, rng_call = kt.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, rng,
-                                         hybrid=self.hybrid, configs=self.configs, need_grads=grads)
+        direct = _direct_call(x, weight, bias, lora_A, lora_B)
+        if direct:  # compile first: a failure then falls back before torch's RNG was drawn from
+            kt.prepare(x, weight, bias, lora_A, lora_B, dropout_p, hybrid=self.hybrid, configs=self.configs,
+                       need_grads=grads)
+        rng = kt.draw_rng(x.device, generator) if dropout_p > 0.0 else None
+        if direct:
+            y, xa = kt.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, rng, hybrid=self.hybrid,
+                               configs=self.configs, need_grads=grads)
         else:
-            y, xa, rng_call = kt.forward_op(x, weight, bias, lora_A, lora_B, scaling, dropout_p, rng, self.hybrid,
-                                            *grads)
+            y, xa = kt.forward_op(x, weight, bias, lora_A, lora_B, scaling, dropout_p, rng, self.hybrid, *grads)
         # x is saved once, for dA (with the call's mask) and, if the base is unfrozen, for dW.
-        return y, (x, xa, rng_call)
+        return y, (x, xa, rng)
 
     def backward(self, grad_y, saved, weight, lora_A, lora_B, scaling, dropout_p, needs):
-        x, xa, rng_call = saved
+        x, xa, rng = saved
         need_dx, need_dW, need_db, need_dA, need_dB = needs
         kt = _triton_ops()
-        if _direct_call(grad_y, x, weight, lora_A, lora_B):
-            dx, dA, dB = kt.backward(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, rng_call,
-                                     need_dx, need_dA, need_dB, hybrid=self.hybrid, configs=self.configs)
-        else:
-            dx, dA, dB = kt.backward_op(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, rng_call,
-                                        need_dx, need_dA, need_dB, self.hybrid)
+        try:
+            dx, dA, dB = self._backward(kt, grad_y, x, xa, rng, weight, lora_A, lora_B, scaling, dropout_p, needs)
+        except Exception as exc:
+            failure = _kernel_failure(exc)
+            if failure is None or dropout_p > 0.0:  # with dropout the mask exists only inside the kernels
+                raise
+            _fall_back(self, failure)  # the forward compiled these kernels; a launch failed: x and xa suffice
+            return _TORCH.backward(grad_y, (x, xa.to(lora_A.dtype), None, x), weight, lora_A, lora_B, scaling,
+                                   0.0, needs)
         return dx, _base_grad(grad_y, x, need_dW), _bias_grad(grad_y, need_db), dA, dB
+
+    def _backward(self, kt, grad_y, x, xa, rng, weight, lora_A, lora_B, scaling, dropout_p, needs):
+        need_dx, need_dW, need_db, need_dA, need_dB = needs
+        if _direct_call(grad_y, x, weight, lora_A, lora_B):
+            return kt.backward(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, rng,
+                               need_dx, need_dA, need_dB, hybrid=self.hybrid, configs=self.configs)
+        return kt.backward_op(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, rng,
+                              need_dx, need_dA, need_dB, self.hybrid)
 
 
 def _base_grad(grad_y, x, need_dW: bool):
@@ -186,9 +195,9 @@ def _choose(x, weight, lora_A, dropout_p: float):
     if impl != "triton" or x.shape[0] == 0:  # nothing to launch for an empty batch
         return _TORCH
     settings = _backend.settings()
-    design, case, configs = settings.design, None, None
+    design, case = settings.design, None
     if x.device.type == "cuda":
-        case, measured, configs = dispatch.design_for(
+        case, measured, measured_configs = dispatch.design_for(
             _arch(x.device), x.dtype, lora_A.dtype, x.shape[0], weight.shape[1], weight.shape[0], lora_A.shape[0],
             dropout_p > 0.0, not dispatch.fp32_matmul_is_exact())
         if dispatch.has_failed(case):
@@ -201,7 +210,28 @@ def _choose(x, weight, lora_A, dropout_p: float):
         # exact fp32 on a GPU: not the Triton GEMM (its "ieee" dots spill and trail cuBLAS) unless asked for
         exact_fp32 = x.device.type == "cuda" and case.x_dtype == "fp32"
         design = "hybrid" if exact_fp32 else "fused"
+    configs = measured_configs.get(design) if case is not None else None
+    need = _triton_ops().partial_bytes(x.shape[0], weight.shape[1], weight.shape[0], lora_A.shape[0], x.dtype,
+                                       configs)
+    if need > PARTIAL_BUDGET_BYTES:  # the fixed-order reduction's buffers would not be worth their memory
+        if settings.backend == "triton" and not _warned_partials:
+            _warn_partials(need)
+        return _TORCH
     return _TritonImpl(design, configs, case)
+
+
+# The Triton backward reduces dA and dB from per-row-block partials (no atomics): (cdiv(M, 64) x out +
+# cdiv(M, 128) x in) x r fp32, transient. Above this the layer takes the cuBLAS/torch path instead.
+PARTIAL_BUDGET_BYTES = 1 << 30
+_warned_partials = False
+
+
+def _warn_partials(need: int) -> None:
+    global _warned_partials
+    _warned_partials = True
+    warnings.warn(f"lorakern: this layer's Triton backward would need {need / 2**30:.1f} GiB of partial sums for "
+                  f"its deterministic dA/dB reduction (more than {PARTIAL_BUDGET_BYTES / 2**30:.0f} GiB): it runs "
+                  f"the torch path (warned once)", stacklevel=7)
 
 
 def _fall_back(impl, failure) -> None:

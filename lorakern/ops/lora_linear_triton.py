@@ -1,13 +1,14 @@
 """Triton kernels for y = x W^T + b + s * (drop(x) A^T) B^T and its backward (W, b frozen).
 
 Forward, two launches:
-- `_xa_kernel`:  xa = drop(x) A^T, (M, r) in fp32. One read of x; the dropout mask comes from the device-side
-  RNG state (seed, counter) and the element's index in x, so nothing but a 2-element snapshot of the state is
-  stored for backward, and no host ever reads the seed (no sync; CUDA-graph safe).
+- `_xa_kernel`:  xa = drop(x) A^T, (M, r) in fp32. One read of x; the dropout mask comes from a 2-element
+  int64 key drawn on the device from torch's generator for each call (`draw_rng`) and the element's index in
+  x, so nothing but that key is stored for backward and no host ever reads it: no sync, a fresh mask per call
+  and per replay of a captured CUDA graph (torch's graph-safe RNG), and torch.manual_seed, get/set_rng_state
+  and activation checkpointing reproduce it.
 - `_gemm_lowrank_kernel`: y = x W^T + b + s * xa B^T, the base GEMM whose accumulator starts from the rank-r
   product, so y is written once ("fused"); or, after cuBLAS wrote x W^T + b into y, only the rank-r term added
-  in place ("hybrid"). Its program 0 advances the RNG counter: every call draws a fresh mask, also on each
-  replay of a captured graph.
+  in place ("hybrid").
 Backward, three launches:
 - `_dy_pass_kernel`: one read of dY gives dxa = dY B (M, r) and, per row block, dY^T xa (a partial of dB).
 - `_gemm_lowrank_kernel` again: dX = dY W + s * (dxa A) * keep / (1 - p) and, from the x tile that lines up
@@ -33,8 +34,6 @@ opaque node (no graph break, no tracing into Triton's launcher).
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -52,8 +51,8 @@ _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
 def _keep(seed, ctr, rows, col0, ncols, p_drop, BLOCK: tl.constexpr):
-    """The dropout keep-mask of x[rows, col0:col0+BLOCK] (x has ncols columns) for the call counter `ctr`: the
-    same bits in every kernel. Philox counters: (element group lo, hi, call counter lo, hi), key = seed.
+    """The dropout keep-mask of x[rows, col0:col0+BLOCK] (x has ncols columns) for the call's key (seed, ctr):
+    the same bits in every kernel. Philox counters: (element group lo, hi, ctr lo, hi), key = seed.
 
     One Philox call gives 4 numbers, used for 4 adjacent columns (col0 and BLOCK are multiples of 4): a
     quarter of the Philox work and of its live registers (the per-element form spilled ~9 KB/thread on the
@@ -86,10 +85,10 @@ def _lowrank_dot(acc, P, Q, rm, rn, m_ok, n_ok, R, stride_pm, stride_pr, stride_
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # the token count varies per batch: one binary for all of them
 def _xa_kernel(
         # tensors
-        X, A, XA, RNG, RNG_CALL,
+        X, A, XA, RNG,
         # sizes
         M, K, R,
         # strides
@@ -99,10 +98,8 @@ def _xa_kernel(
         # meta
         HAS_DROPOUT: tl.constexpr, LORA_FP32: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    """XA[M, R] = drop(X)[M, K] @ A[R, K]^T, grid (cdiv(M, BLOCK_M), cdiv(R, BLOCK_R)).
-
-    With dropout, the mask uses RNG = (seed, counter) and program (0, 0) copies that pair to RNG_CALL, the
-    snapshot the backward reads (the forward GEMM advances RNG's counter after this launch)."""
+    """XA[M, R] = drop(X)[M, K] @ A[R, K]^T, grid (cdiv(M, BLOCK_M), cdiv(R, BLOCK_R)); the dropout mask from
+    the call's key RNG = (seed, ctr)."""
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     # int64 offsets: M x K passes 2^31 at ~150k tokens x 14336 (and M x N for a 128k-vocabulary head)
@@ -112,8 +109,6 @@ def _xa_kernel(
     if HAS_DROPOUT:
         seed = tl.load(RNG)
         ctr = tl.load(RNG + 1)
-        two = tl.arange(0, 2)
-        tl.store(RNG_CALL + two, tl.load(RNG + two), mask=two < 2 - 2 * (pid_m + pid_r))  # program (0, 0) only
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
@@ -133,7 +128,7 @@ def _xa_kernel(
              mask=(rm[:, None] < M) & (rr[None, :] < R))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _dy_pass_kernel(
         # tensors
         G, B, XA, DXA, DB_PART,
@@ -180,7 +175,7 @@ def _dy_pass_kernel(
                  mask=m_ok[:, None] & r_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _gemm_lowrank_kernel(
         # tensors
         X, W, BIAS, P, Q, OUT, XD, DQ_PART, RNG,
@@ -193,7 +188,7 @@ def _gemm_lowrank_kernel(
         scaling, p_drop,
         # meta
         HAS_GEMM: tl.constexpr, ACC_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, DROP_EPILOGUE: tl.constexpr,
-        GRAD_Q: tl.constexpr, ADVANCE_RNG: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+        GRAD_Q: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
         LORA_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
         GROUP_M: tl.constexpr):
@@ -201,8 +196,7 @@ def _gemm_lowrank_kernel(
 
     With ACC_OUT the product X @ W is already in OUT (cuBLAS computed it; K = 0 here) and is added to.
     With GRAD_Q also DQ_PART[pid_m] = P[rows]^T @ drop(XD)[rows, cols] (R, N), XD tiled like OUT; with
-    HAS_GEMM=False only that. RNG is (seed, counter): read for the dropout mask, or with ADVANCE_RNG its
-    counter incremented by program 0. Forward: X = x, W = weight^T, P = xa, Q = B^T. Backward: X = dY,
+    HAS_GEMM=False only that. RNG is the call's dropout key (seed, ctr). Forward: X = x, W = weight^T, P = xa, Q = B^T. Backward: X = dY,
     W = weight, P = dxa, Q = A, XD = x, DQ_PART = dA's partials. P is fp32.
     """
     pid = tl.program_id(0)
@@ -221,9 +215,6 @@ def _gemm_lowrank_kernel(
     m_ok = rm < M
     n_ok = rn < N
 
-    if ADVANCE_RNG:  # the forward's x pass has read (seed, counter) already: stream order makes this safe
-        two = tl.arange(0, 2)  # (seed, counter) + (0, 1), stored by program 0 only
-        tl.store(RNG + two, tl.load(RNG + two) + two, mask=two < 2 - 2 * pid)
     if DROP_EPILOGUE:
         seed = tl.load(RNG)
         ctr = tl.load(RNG + 1)
@@ -296,7 +287,7 @@ def _reduce_block(PART, OUT, S, NUMEL, stride_ps, scaling, block, BLOCK: tl.cons
     tl.store(OUT + offs, (acc * scaling).to(OUT.dtype.element_ty), mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S_A", "NUMEL_A", "S_B", "NUMEL_B"])
 def _reduce_kernel(
         # tensors
         PART_A, OUT_A, PART_B, OUT_B,
@@ -395,37 +386,15 @@ def _lora_fp32(x_dtype: torch.dtype, adapter_dtype: torch.dtype) -> bool:
 # ----------------------------------------------------------------------------------------------------------
 # Dropout RNG state: (seed, counter) on the device, read only by kernels
 # ----------------------------------------------------------------------------------------------------------
-_rng_states: dict = {}
-
-
-def rng_state(device: torch.device, generator=None) -> torch.Tensor:
-    """The int64 (seed, counter) pair the kernels draw the dropout mask from.
-
-    Without a generator: one persistent tensor per device, advanced on the device by every forward call (so
-    each replay of a captured CUDA graph draws a fresh mask). It follows torch's seeding: on CUDA its seed is
-    drawn from the device's default generator, and it is drawn again after that generator was re-seeded
-    (torch.manual_seed: its seed changed or its offset went back), so re-seeding reproduces the masks; on the
-    CPU (the interpreter) it is derived from torch.initial_seed() and renewed when that changes. Create it (one
-    warm-up step) before capturing a graph. With a generator: a fresh pair (a seed drawn from it, counter 0)."""
-    if generator is not None:
-        seed = torch.randint(0, 2**62, (1,), device=generator.device, dtype=torch.int64, generator=generator)
-        return torch.cat([seed, seed.new_zeros(1)]).to(device)
-    key = (device.type, device.index)
-    entry = _rng_states.get(key)
-    if device.type == "cuda":
-        if entry is not None and torch.cuda.is_current_stream_capturing():
-            return entry[1]  # the generator's offset cannot be read while capturing
-        gen = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
-        if entry is None or entry[0][0] != gen.initial_seed() or gen.get_offset() < entry[0][1]:
-            drawn = torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
-            entry = ((gen.initial_seed(), gen.get_offset()), torch.cat([drawn, drawn.new_zeros(1)]))
-            _rng_states[key] = entry
-        return entry[1]
-    seed = torch.initial_seed()
-    if entry is None or entry[0] != seed:
-        mixed = (seed * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) & (2**62 - 1)  # not the user's seed itself
-        entry = _rng_states[key] = (seed, torch.tensor([mixed, 0], dtype=torch.int64, device=device))
-    return entry[1]
+def draw_rng(device: torch.device, generator=None) -> torch.Tensor:
+    """The dropout key of one call: two int64 drawn on `device` from torch's generator (or `generator`), read
+    only by the kernels. One tiny launch and no host sync; CUDA graphs replay it with fresh values (torch's
+    graph-safe Philox offsets), and whatever restores torch's RNG state (manual_seed, set_rng_state,
+    activation checkpointing's recomputation) restores the mask."""
+    if generator is None:
+        return torch.randint(0, 2**62, (2,), device=device, dtype=torch.int64)
+    key = torch.randint(0, 2**62, (2,), device=generator.device, dtype=torch.int64, generator=generator)
+    return key if key.device == device else key.to(device, non_blocking=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -499,14 +468,14 @@ def _run(name: str, kernel, grid, cfg: dict, compile_only: bool, **kwargs) -> No
         raise KernelFailure(name, cfg, exc) from exc
 
 
-def launch_xa(*, x, lora_A, xa, rng, rng_call, dropout_p: float, lora_fp32: bool, precision: str, cfg: dict,
+def launch_xa(*, x, lora_A, xa, rng, dropout_p: float, lora_fp32: bool, precision: str, cfg: dict,
               compile_only: bool = False) -> None:
     M, K = x.shape
     R = lora_A.shape[0]
     br = min(next_pow2(R, 16), 64)
     (sxm, sxk), (sar, sak), (som, sor) = x.stride(), lora_A.stride(), xa.stride()
     _run("xa", _xa_kernel, (cdiv(M, cfg["BLOCK_M"]), cdiv(R, br)), cfg, compile_only,
-         X=x, A=lora_A, XA=xa, RNG=rng, RNG_CALL=rng_call,
+         X=x, A=lora_A, XA=xa, RNG=rng,
          M=M, K=K, R=R,
          stride_xm=sxm, stride_xk=sxk, stride_ar=sar, stride_ak=sak, stride_om=som, stride_or=sor,
          p_drop=dropout_p,
@@ -532,22 +501,22 @@ def _gemm_grid(M: int, N: int, cfg: dict) -> tuple[int]:
     return (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
 
 
-def launch_gemm_forward(*, x, weight, bias, xa, lora_B, y, rng, scaling: float, hybrid: bool,
+def launch_gemm_forward(*, x, weight, bias, xa, lora_B, y, no_rng, scaling: float, hybrid: bool,
                         precisions: tuple[str, str], cfg: dict, compile_only: bool = False) -> None:
-    """y = x W^T + b + scaling * xa B^T (hybrid: y already holds x W^T + b) and RNG's counter advanced."""
+    """y = x W^T + b + scaling * xa B^T (hybrid: y already holds x W^T + b); no_rng: an int64 placeholder."""
     M, K = x.shape
     N, R = weight.shape[0], lora_B.shape[1]
     (sxm, sxk), (swn, swk), (sbn, sbr), (sym, syn), (sqm, sqr) = (x.stride(), weight.stride(), lora_B.stride(),
                                                                  y.stride(), xa.stride())
     _run("gemm_fwd", _gemm_lowrank_kernel, _gemm_grid(M, N, cfg), cfg, compile_only,
-         X=x, W=weight, BIAS=bias if bias is not None else y, P=xa, Q=lora_B, OUT=y, XD=y, DQ_PART=xa, RNG=rng,
+         X=x, W=weight, BIAS=bias if bias is not None else y, P=xa, Q=lora_B, OUT=y, XD=y, DQ_PART=xa, RNG=no_rng,
          M=M, N=N, K=0 if hybrid else K, R=R,
          stride_xm=sxm, stride_xk=sxk, stride_wk=swk, stride_wn=swn, stride_pm=sqm, stride_pr=sqr,
          stride_qr=sbr, stride_qn=sbn, stride_om=sym, stride_on=syn, stride_dm=0, stride_dn=0,
          stride_gs=0, stride_gr=0, stride_gn=0, stride_bias=bias.stride(0) if bias is not None else 0,
          scaling=scaling, p_drop=0.0,
          HAS_GEMM=True, ACC_OUT=hybrid, HAS_BIAS=bias is not None and not hybrid, DROP_EPILOGUE=False,
-         GRAD_Q=False, ADVANCE_RNG=rng is not None, UPCAST=_INTERPRET, PRECISION=precisions[0],
+         GRAD_Q=False, UPCAST=_INTERPRET, PRECISION=precisions[0],
          LORA_PRECISION=precisions[1], BLOCK_R=min(next_pow2(R, 16), 32))
 
 
@@ -570,7 +539,7 @@ def launch_gemm_backward(*, grad_y, weight, dxa, lora_A, x, dx, da_part, rng, sc
          stride_gs=sps, stride_gr=spr, stride_gn=spk, stride_bias=0,
          scaling=scaling, p_drop=dropout_p,
          HAS_GEMM=dx is not None, ACC_OUT=hybrid, HAS_BIAS=False, DROP_EPILOGUE=dropout_p > 0.0,
-         GRAD_Q=da_part is not None, ADVANCE_RNG=False, UPCAST=_INTERPRET, PRECISION=precisions[0],
+         GRAD_Q=da_part is not None, UPCAST=_INTERPRET, PRECISION=precisions[0],
          LORA_PRECISION=precisions[1], BLOCK_R=min(next_pow2(R, 16), 32))
 
 
@@ -633,6 +602,12 @@ def _configs(x_dtype: torch.dtype, configs: dict | None) -> dict:
     return hit[1]
 
 
+def partial_bytes(M: int, K: int, N: int, R: int, x_dtype: torch.dtype, configs: dict | None = None) -> int:
+    """Bytes of the backward's fixed-order partial sums for dB (per dY row block) and dA (per GEMM row block)."""
+    cfgs = _configs(x_dtype, configs)
+    return 4 * R * (cdiv(M, cfgs["dy"]["BLOCK_M"]) * N + cdiv(M, cfgs["gemm_bwd"]["BLOCK_M"]) * K)
+
+
 def variant(x, weight, bias, lora_A, lora_B, dropout_p: float, *, hybrid: bool = False, configs: dict | None = None,
             need_grads: tuple[bool, bool, bool] = (True, True, True)) -> dict:
     """What `precompile` takes for one call of forward (and of the backward need_grads asks for)."""
@@ -641,9 +616,17 @@ def variant(x, weight, bias, lora_A, lora_B, dropout_p: float, *, hybrid: bool =
                 precs=_precisions(x.dtype), lora_fp32=_lora_fp32(x.dtype, lora_A.dtype), need_grads=tuple(need_grads))
 
 
+def prepare(x, weight, bias, lora_A, lora_B, dropout_p: float, *, hybrid: bool = False, configs: dict | None = None,
+            need_grads: tuple[bool, bool, bool] = (True, True, True)) -> None:
+    """Compile this call's kernels if they are not yet (KernelFailure if they do not compile)."""
+    with device_guard(x.device):
+        _ensure_compiled(**variant(x, weight, bias, lora_A, lora_B, dropout_p, hybrid=hybrid, configs=configs,
+                                   need_grads=need_grads))
+
+
 def forward(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, rng, *, hybrid: bool = False,
             configs: dict | None = None, need_grads: tuple[bool, bool, bool] = (False, False, False)):
-    """(y, xa, rng_call). Compiles, on the first call of each variant, the forward kernels and the backward
+    """(y, xa); rng is the call's dropout key (draw_rng) or None. Compiles, on the first call of each variant, the forward kernels and the backward
     ones `need_grads` = (dx, dA, dB) asks for, so that a compile failure surfaces here (KernelFailure)."""
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
@@ -654,19 +637,29 @@ def forward(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, r
     lora_fp32 = _lora_fp32(x.dtype, lora_A.dtype)
     xa = _empty((M, R), device=x.device, dtype=torch.float32)
     y = _empty((M, N), device=x.device, dtype=x.dtype)
-    # (seed, counter) of this call for the backward; empty without dropout (custom ops return no None)
-    rng_call = _empty((2,), device=x.device, dtype=torch.int64) if dropout_p > 0.0 else _no_rng(x.device)
-    rng_fwd = rng if dropout_p > 0.0 else None
+    no_rng = _no_rng(x.device)  # the int64 placeholder of every RNG argument that is not read
     with device_guard(x.device):
         _ensure_compiled(x, weight, bias, lora_A, lora_B, dropout_p, hybrid, cfgs, precs, lora_fp32, need_grads)
-        launch_xa(x=x, lora_A=lora_A, xa=xa, rng=rng_fwd if rng_fwd is not None else xa,
-                  rng_call=rng_call if dropout_p > 0.0 else xa, dropout_p=dropout_p, lora_fp32=lora_fp32,
-                  precision=precs[1], cfg=cfgs["xa"])
+        launch_xa(x=x, lora_A=lora_A, xa=xa, rng=rng if dropout_p > 0.0 else no_rng, dropout_p=dropout_p,
+                  lora_fp32=lora_fp32, precision=precs[1], cfg=cfgs["xa"])
         if hybrid:
             torch.addmm(bias, x, weight.t(), out=y) if bias is not None else torch.mm(x, weight.t(), out=y)
-        launch_gemm_forward(x=x, weight=weight, bias=bias, xa=xa, lora_B=lora_B, y=y, rng=rng_fwd, scaling=scaling,
+        launch_gemm_forward(x=x, weight=weight, bias=bias, xa=xa, lora_B=lora_B, y=y, no_rng=no_rng, scaling=scaling,
                             hybrid=hybrid, precisions=precs, cfg=cfgs["gemm_fwd"])
-    return y, xa, rng_call
+    return y, xa
+
+
+def _spec(v: int) -> int:
+    """How Triton specializes an int argument: 1, divisible by 16, or neither (M and the partial counts are
+    do_not_specialize: they vary per batch)."""
+    return 1 if v == 1 else (16 if v % 16 == 0 else 0)
+
+
+def _tensor_spec(t) -> tuple | None:
+    """A tensor argument's specialization: its address's 16-byte alignment and its strides'."""
+    if t is None:
+        return None
+    return (t.data_ptr() % 16 == 0, *(_spec(st) for st in t.stride()))
 
 
 class _Stand:
@@ -695,16 +688,16 @@ def _ensure_compiled(x, weight, bias, lora_A, lora_B, dropout_p, hybrid, cfgs, p
     need_dx, need_dA, need_dB = need_grads
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
-    key = (x.device, x.dtype, lora_A.dtype, bias is not None, dropout_p > 0.0, hybrid, M % 16, K % 16, N % 16,
-           x.stride(0) % 16, weight.stride(0) % 16, R, need_grads, precs, _config_key(cfgs))
+    key = (x.device, x.dtype, lora_A.dtype, dropout_p > 0.0, hybrid, _spec(K), _spec(N), R, need_grads, precs,
+           _config_key(cfgs), *(_tensor_spec(t) for t in (x, weight, bias, lora_A, lora_B)))
     if key in _compiled:
         return
     cfgs = {k: dict(v) for k, v in cfgs.items()}
     f32, act = torch.float32, x.dtype
     xa, y, rng = _Stand(f32, (M, R)), _Stand(act, (M, N)), _Stand(torch.int64, (2,))
-    launch_xa(x=x, lora_A=lora_A, xa=xa, rng=rng, rng_call=rng, dropout_p=dropout_p, lora_fp32=lora_fp32,
+    launch_xa(x=x, lora_A=lora_A, xa=xa, rng=rng, dropout_p=dropout_p, lora_fp32=lora_fp32,
               precision=precs[1], cfg=cfgs["xa"], compile_only=True)
-    launch_gemm_forward(x=x, weight=weight, bias=bias, xa=xa, lora_B=lora_B, y=y, rng=rng if dropout_p > 0 else None,
+    launch_gemm_forward(x=x, weight=weight, bias=bias, xa=xa, lora_B=lora_B, y=y, no_rng=rng,
                         scaling=1.0, hybrid=hybrid, precisions=precs, cfg=cfgs["gemm_fwd"], compile_only=True)
     if need_dx or need_dA or need_dB:
         s_dy, s_gemm = cdiv(M, cfgs["dy"]["BLOCK_M"]), cdiv(M, cfgs["gemm_bwd"]["BLOCK_M"])
@@ -726,7 +719,7 @@ def _ensure_compiled(x, weight, bias, lora_A, lora_B, dropout_p, hybrid, cfgs, p
         _compiled.add(key)
 
 
-def backward(grad_y, x, xa, weight, lora_A, lora_B, scaling: float, dropout_p: float, rng_call,
+def backward(grad_y, x, xa, weight, lora_A, lora_B, scaling: float, dropout_p: float, rng,
              need_dx: bool, need_dA: bool, need_dB: bool, *, hybrid: bool = False, configs: dict | None = None):
     """(dx, dA, dB), each None where not needed; dA and dB in the adapter dtype, reduced in a fixed order."""
     M, N = grad_y.shape  # N = out_features
@@ -756,7 +749,7 @@ def backward(grad_y, x, xa, weight, lora_A, lora_B, scaling: float, dropout_p: f
             if hyb:
                 torch.mm(grad_y, weight, out=dx)
             launch_gemm_backward(grad_y=grad_y, weight=weight, dxa=dxa, lora_A=lora_A, x=x, dx=dx, da_part=da_part,
-                                 rng=rng_call if dropout_p > 0.0 else dxa, scaling=scaling, dropout_p=dropout_p,
+                                 rng=rng if dropout_p > 0.0 else _no_rng(dev), scaling=scaling, dropout_p=dropout_p,
                                  hybrid=hyb, precisions=precs, cfg=cfgs["gemm_bwd"])
         if need_dA or need_dB:
             launch_reduce(part_a=da_part, out_a=dA, part_b=db_part, out_b=dB, scaling=scaling)
@@ -766,46 +759,41 @@ def backward(grad_y, x, xa, weight, lora_A, lora_B, scaling: float, dropout_p: f
 # ----------------------------------------------------------------------------------------------------------
 # Custom ops (torch.compile sees opaque nodes; eager calls go straight to forward/backward above)
 # ----------------------------------------------------------------------------------------------------------
-def _op_configs(x, weight, lora_A, dropout_p: float) -> dict | None:
+def _op_configs(x, weight, lora_A, dropout_p: float, hybrid: bool) -> dict | None:
     """The measured configs for a call through the custom op (what the eager path gets from _choose)."""
     if x.device.type != "cuda":
         return None
     return dispatch.design_for(gpu_arch(x.device), x.dtype, lora_A.dtype, x.shape[0], weight.shape[1],
                                weight.shape[0], lora_A.shape[0], dropout_p > 0.0,
-                               not dispatch.fp32_matmul_is_exact())[2]
+                               not dispatch.fp32_matmul_is_exact())[2].get("hybrid" if hybrid else "fused")
 
 
-# rng is read and advanced on the device (a fresh mask per call is what dropout means): declared mutated.
-@torch.library.custom_op("lorakern::triton_lora_forward", mutates_args=("rng",))
-def forward_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
-               lora_B: torch.Tensor, scaling: float, dropout_p: float, rng: Optional[torch.Tensor], hybrid: bool,
-               need_dx: bool, need_dA: bool, need_dB: bool
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    y, xa, rng_call = forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, rng, hybrid=hybrid,
-                              configs=_op_configs(x, weight, lora_A, dropout_p), need_grads=(need_dx, need_dA, need_dB))
-    # a custom op returns fresh tensors: not the shared empty snapshot of the no-dropout case
-    return y, xa, rng_call if dropout_p > 0.0 else torch.empty((0,), device=x.device, dtype=torch.int64)
+@torch.library.custom_op("lorakern::triton_lora_forward", mutates_args=(),
+                         schema="(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
+                                "float dropout_p, Tensor? rng, bool hybrid, bool need_dx, bool need_dA, bool need_dB)"
+                                " -> (Tensor, Tensor)")
+def forward_op(x, weight, bias, lora_A, lora_B, scaling, dropout_p, rng, hybrid, need_dx, need_dA, need_dB):
+    return forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, rng, hybrid=hybrid,
+                   configs=_op_configs(x, weight, lora_A, dropout_p, hybrid), need_grads=(need_dx, need_dA, need_dB))
 
 
 @forward_op.register_fake
 def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, rng, hybrid, need_dx, need_dA, need_dB):
     return (x.new_empty((x.shape[0], weight.shape[0])),
-            x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32),
-            x.new_empty((2 if dropout_p > 0.0 else 0,), dtype=torch.int64))
+            x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32))
 
 
 @torch.library.custom_op("lorakern::triton_lora_backward", mutates_args=(),
                          schema="(Tensor grad_y, Tensor x, Tensor xa, Tensor weight, Tensor lora_A, Tensor lora_B, "
-                                "float scaling, float dropout_p, Tensor? rng_call, bool need_dx, bool need_dA, "
+                                "float scaling, float dropout_p, Tensor? rng, bool need_dx, bool need_dA, "
                                 "bool need_dB, bool hybrid) -> (Tensor?, Tensor?, Tensor?)")
-def backward_op(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, rng_call, need_dx, need_dA, need_dB,
-                hybrid):
-    return backward(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, rng_call, need_dx, need_dA, need_dB,
-                    hybrid=hybrid, configs=_op_configs(x, weight, lora_A, dropout_p))
+def backward_op(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, rng, need_dx, need_dA, need_dB, hybrid):
+    return backward(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, rng, need_dx, need_dA, need_dB,
+                    hybrid=hybrid, configs=_op_configs(x, weight, lora_A, dropout_p, hybrid))
 
 
 @backward_op.register_fake
-def _(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, rng_call, need_dx, need_dA, need_dB, hybrid):
+def _(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, rng, need_dx, need_dA, need_dB, hybrid):
     return (grad_y.new_empty((grad_y.shape[0], weight.shape[1])) if need_dx else None,
             lora_A.new_empty(lora_A.shape) if need_dA else None,
             lora_B.new_empty(lora_B.shape) if need_dB else None)
