@@ -123,7 +123,7 @@ class _TritonImpl:
         rng = kt.draw_rng(x.device, generator) if dropout_p > 0.0 else None
         if direct:
             y, xa = kt.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, rng, hybrid=self.hybrid,
-                               configs=self.configs, need_grads=grads)
+                               configs=self.configs, need_grads=grads, prepared=True)
         else:
             y, xa = kt.forward_op(x, weight, bias, lora_A, lora_B, scaling, dropout_p, rng, self.hybrid, *grads)
         # x is saved once, for dA (with the call's mask) and, if the base is unfrozen, for dW.

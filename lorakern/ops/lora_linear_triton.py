@@ -625,9 +625,11 @@ def prepare(x, weight, bias, lora_A, lora_B, dropout_p: float, *, hybrid: bool =
 
 
 def forward(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, rng, *, hybrid: bool = False,
-            configs: dict | None = None, need_grads: tuple[bool, bool, bool] = (False, False, False)):
-    """(y, xa); rng is the call's dropout key (draw_rng) or None. Compiles, on the first call of each variant, the forward kernels and the backward
-    ones `need_grads` = (dx, dA, dB) asks for, so that a compile failure surfaces here (KernelFailure)."""
+            configs: dict | None = None, need_grads: tuple[bool, bool, bool] = (False, False, False),
+            prepared: bool = False):
+    """(y, xa); rng is the call's dropout key (draw_rng) or None. Compiles, on the first call of each variant,
+    the forward kernels and the backward ones `need_grads` = (dx, dA, dB) asks for, so that a compile failure
+    surfaces here (KernelFailure); `prepared`: the caller has just done that (`prepare`)."""
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
     if x.stride(1) != 1:  # coalesced loads along K; a transposed view would read one element per row
@@ -639,7 +641,8 @@ def forward(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, r
     y = _empty((M, N), device=x.device, dtype=x.dtype)
     no_rng = _no_rng(x.device)  # the int64 placeholder of every RNG argument that is not read
     with device_guard(x.device):
-        _ensure_compiled(x, weight, bias, lora_A, lora_B, dropout_p, hybrid, cfgs, precs, lora_fp32, need_grads)
+        if not prepared:
+            _ensure_compiled(x, weight, bias, lora_A, lora_B, dropout_p, hybrid, cfgs, precs, lora_fp32, need_grads)
         launch_xa(x=x, lora_A=lora_A, xa=xa, rng=rng if dropout_p > 0.0 else no_rng, dropout_p=dropout_p,
                   lora_fp32=lora_fp32, precision=precs[1], cfg=cfgs["xa"])
         if hybrid:
