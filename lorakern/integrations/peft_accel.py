@@ -29,8 +29,9 @@ The fused op runs when the call is plain vanilla LoRA; otherwise the call goes t
     LoRALinear does (peft would run the adapters in the autocast dtype too).
 lora_bias (a bias on lora_B) is added exactly (+ scaling * lora_B.bias); rsLoRA needs nothing (peft's
 scaling already holds alpha / sqrt(r)). With dropout, lorakern's CPU path draws its mask exactly as
-nn.Dropout does on the CPU (bernoulli_ on a tensor like x, from the default generator), so a seeded training
-run draws the same masks as plain peft; on CUDA the Triton kernels draw their own masks (same distribution).
+nn.Dropout does on the CPU (bernoulli_ on a tensor like x, from the default generator; the mask does not
+depend on the dtype), so a seeded CPU training run draws the same masks as plain peft. On CUDA the masks
+differ from nn.Dropout's (the Triton kernels draw their own; same distribution).
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _nn_module
 
+from lorakern import _backend
 from lorakern.ops.lora_linear import _MAX_DROPOUT_P, lora_linear
 
 __all__ = ["accelerate", "restore"]
@@ -82,7 +84,7 @@ def _fast(module: nn.Module, x) -> torch.Tensor | None:
     if len(present) != 1:
         return None
     name = present[0]
-    if name in module.lora_variant:
+    if name in getattr(module, "lora_variant", ()) or module.use_dora.get(name, False):
         return None
     base, mod_A, mod_B, drop = module.base_layer, lora_A[name], module.lora_B[name], module.lora_dropout[name]
     if (type(base) is not nn.Linear or type(mod_A) is not nn.Linear or type(mod_B) is not nn.Linear
@@ -102,6 +104,8 @@ def _fast(module: nn.Module, x) -> torch.Tensor | None:
     if not x.is_floating_point() or x.dim() == 0 or x.shape[-1] != w.shape[1] or x.device != w.device:
         return None
     adt = A.dtype
+    if B.dtype != adt or A.device != w.device or B.device != w.device:
+        return None
     dev = x.device.type
     if torch.is_autocast_enabled(dev) and x.dtype != torch.float64 and w.dtype != torch.float64:
         cdt = torch.get_autocast_dtype(dev)  # the base in the autocast dtype, the adapters in their own
@@ -112,7 +116,8 @@ def _fast(module: nn.Module, x) -> torch.Tensor | None:
     else:
         xdt = x.dtype
         if (w.dtype != xdt or (b is not None and b.dtype != xdt)
-                or not (adt == xdt or (adt == torch.float32 and xdt in _LOW and module.cast_input_dtype_enabled))):
+                or not (adt == xdt or (adt == torch.float32 and xdt in _LOW
+                                       and getattr(module, "cast_input_dtype_enabled", True)))):
             return None  # peft's forward handles (or reports) what the op does not take
         y = lora_linear(x, w, b, A, B, scaling, p)
     if mod_B.bias is not None:  # lora_bias=True: peft's lora_B(...) * scaling adds scaling * bias
@@ -221,6 +226,9 @@ def accelerate(model: nn.Module) -> nn.Module:
             _install(m)
         for kind in _adapter_kinds(m):
             skipped[kind].append(name or "<model>")
+    # lorakern's settings are read from the environment at first use: do it now, not inside the first
+    # torch.compile trace (whose guard on the unset settings would fail at the next call: one recompile)
+    _backend.settings()
     if skipped:
         total = len({n for names in skipped.values() for n in names})
         parts = []
