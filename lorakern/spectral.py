@@ -11,21 +11,143 @@ mode="sketch" never forms G: a randomized range finder over 2 + 2 * n_iter passe
 Every pass must see the same batches in the same order (checked through the losses). The sketch probes are
 seeded by `seed` and the layer's position, so every data-parallel rank draws the same
 ones and the per-rank sums are all-reduced after each pass.
+
+peft models (a peft.PeftModel, or any module holding peft LoRA layers, alone or next to LoRALinear layers):
+every peft LoRA `Linear` (base layer nn.Linear, or transformers' Conv1D with fan_in_fan_out) is initialized for
+its active adapter exactly as a LoRALinear would be: the capture taps the layer's input and output gradient
+(the gradient of base_layer.weight), lora_A[name].weight / lora_B[name].weight get the factors and scaling[name]
+plays the part of LoRALinear.scaling. Other peft LoRA layers (Embedding, Conv, quantized bases...) keep their
+init, with a warning; an active adapter with a LoRA variant (DoRA...), several active adapters in one layer,
+disabled adapters or merged layers raise. peft's save_pretrained / PeftModel.from_pretrained then work as usual.
+
+LoRA-GA on a peft layer subtracts its offset scaling * B0 A0 from base_layer.weight, as peft's own LoRA-GA and
+PiSSA inits do (the adapter must be at peft's zero init, B A = 0, before the call; the layer's other adapters,
+if any, see the changed base weight too, as with peft's inits). peft has no record of that
+offset, so an adapter saved plainly applies to the modified base only; for one that applies to the original
+pretrained base use peft's own conversion (the recipe of its PiSSA / LoRA-GA docs):
+    lk.spectral_init(model, batches, loss_fn, method="lora-ga")
+    model.save_pretrained("ga-init")          # the initial adapter, before any training step
+    ...                                        # train
+    model.save_pretrained("out", path_initial_model_for_weight_conversion="ga-init")
+"out" then holds the rank-2r adapter [A; A0], [B, -B0] (alpha doubled) that PeftModel.from_pretrained loads
+onto the original base. LoRALinear layers record the offset themselves (lorakern.save_adapter writes the
+converted adapter directly).
 """
 from __future__ import annotations
 
+import sys
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
+from torch import nn
 
 from lorakern import init as lora_init
 from lorakern.capture import (GradientCapture, accumulator_dtype, check_reiterable, check_same_layout_across_ranks,
                               no_autocast)
 from lorakern.linalg import orthonormalize, svd_from_projection
-from lorakern.model import lora_modules, tied_elsewhere
+from lorakern.layer import LoRALinear
+from lorakern.model import tied_elsewhere
+from lorakern.optim.pairs import peft_lora_layer_classes
 
 METHODS = ("lora-one", "lora-ga")
 MODES = ("exact", "sketch")
+
+
+class PeftLinearAdapter:
+    """One adapter of a peft LoRA `Linear`, seen as a LoRALinear by the capture and the init.
+
+    weight is the base weight as (out, in) (a transposed view for fan_in_fan_out, writes go through),
+    lora_A / lora_B / scaling / r are the adapter's, and the forward hooks go on the peft layer itself, whose
+    output gradient is that of its base layer's output. peft keeps no record of a base change, so
+    record_base_offset does nothing (see the module docstring for saving after LoRA-GA).
+    """
+
+    def __init__(self, module: nn.Module, adapter: str):
+        self.module, self.adapter = module, adapter
+        self.base_layer = module.get_base_layer()
+        self.fan_in_fan_out = bool(getattr(module, "fan_in_fan_out", False))
+        self.in_features, self.out_features = int(module.in_features), int(module.out_features)
+        self.r = int(module.r[adapter])
+
+    @property
+    def weight(self) -> torch.Tensor:
+        w = self.base_layer.weight
+        return w.T if self.fan_in_fan_out else w
+
+    @property
+    def lora_A(self) -> nn.Parameter:
+        return self.module.lora_A[self.adapter].weight
+
+    @property
+    def lora_B(self) -> nn.Parameter:
+        return self.module.lora_B[self.adapter].weight
+
+    @property
+    def scaling(self) -> float:
+        return float(self.module.scaling[self.adapter])
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.module.merged)
+
+    def register_forward_hook(self, *args, **kwargs):
+        return self.module.register_forward_hook(*args, **kwargs)
+
+    def record_base_offset(self, A: torch.Tensor, B: torch.Tensor) -> None:
+        pass
+
+
+def _peft_adapter(name: str, m: nn.Module, linear_cls) -> tuple[PeftLinearAdapter | None, str | None]:
+    """(the active adapter of a peft LoRA layer as a PeftLinearAdapter, None), or (None, why it keeps its
+    init) for a layer spectral_init does not initialize, or (None, None) for one without an active adapter
+    here; raises ValueError for what it cannot initialize correctly."""
+    present = [a for a in m.active_adapters if a in getattr(m, "r", {})]  # r: every adapter of the layer
+    if not present:
+        return None, None  # the active adapter does not target this layer
+    if m.disable_adapters:
+        raise ValueError(f"spectral_init: the adapters of peft layer {name!r} are disabled (disable_adapter() "
+                         f"context or enable_adapters(False)); enable them first")
+    if len(present) > 1:
+        raise ValueError(f"spectral_init: peft layer {name!r} has several active adapters {present}; make one "
+                         f"active (model.set_adapter(name)) and call spectral_init once per adapter")
+    adapter = present[0]
+    if not isinstance(m, linear_cls) or adapter not in m.lora_A or adapter not in m.lora_B:
+        return None, f"{name} (lora.{type(m).__name__})"
+    if m.use_dora.get(adapter, False) or getattr(m, "lora_variant", {}).get(adapter) is not None:
+        raise ValueError(f"spectral_init: adapter {adapter!r} of peft layer {name!r} is a LoRA variant (DoRA, ...): "
+                         f"its output is not base(x) + scaling * B A x, so the captured gradient would not be the "
+                         f"one the init needs; use plain LoRA adapters")
+    base = m.get_base_layer()
+    w = getattr(base, "weight", None)
+    fan = bool(getattr(m, "fan_in_fan_out", False))
+    shape = (m.in_features, m.out_features) if fan else (m.out_features, m.in_features)
+    if not isinstance(w, torch.Tensor) or not w.is_floating_point() or tuple(w.shape) != tuple(shape):
+        return None, f"{name} (lora.Linear on a {type(base).__name__} base)"
+    if w.device.type == "meta":
+        return None, f"{name} (base weight on the meta device)"
+    return PeftLinearAdapter(m, adapter), None
+
+
+def init_layers(model: nn.Module) -> dict[str, object]:
+    """{name: layer} for spectral_init, in named_modules() order: every LoRALinear and, for every peft LoRA
+    Linear with an active adapter, a PeftLinearAdapter. Other peft LoRA layers are named in a warning."""
+    lora_layer, _ = peft_lora_layer_classes()
+    linear_cls = None if lora_layer is None else sys.modules["peft.tuners.lora.layer"].Linear
+    layers, skipped = {}, []
+    for n, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            layers[n] = m
+        elif lora_layer is not None and isinstance(m, lora_layer):
+            view, why = _peft_adapter(n, m, linear_cls)
+            if view is not None:
+                layers[n] = view
+            elif why is not None:
+                skipped.append(why)
+    if skipped:
+        warnings.warn(f"spectral_init: {len(skipped)} peft LoRA layer(s) are not LoRA Linear layers on a plain "
+                      f"weight and keep their init: {', '.join(skipped[:10])}", RuntimeWarning, stacklevel=3)
+    return layers
 
 
 def _progress(enabled: bool):
@@ -92,7 +214,8 @@ def spectral_init(model: torch.nn.Module, batches: Iterable, loss_fn: Callable, 
                   mode: str = "sketch", s: float = 1.0, oversample: int = 8, n_iter: int = 1,
                   normalize: bool = True, gamma: float | None = None, c: float = 16.0, seed: int = 0,
                   progress: bool = True) -> dict[str, torch.Tensor]:
-    """Initialize every LoRALinear of `model` from the one-step full fine-tuning gradient over `batches`.
+    """Initialize every LoRALinear of `model`, and the active adapter of every peft LoRA Linear of it (see the
+    module docstring: a peft.PeftModel works as it is), from the one-step full fine-tuning gradient over `batches`.
 
     loss_fn(model, batch) returns a scalar loss; its backward is run over the re-iterable `batches` (as many
     passes as `mode` needs) and the gradient is the mean over batches of the model as it stands. Options:
@@ -112,20 +235,30 @@ def spectral_init(model: torch.nn.Module, batches: Iterable, loss_fn: Callable, 
     for name, v in (("s", s), ("c", c)) + ((("gamma", gamma),) if gamma is not None else ()):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
             raise ValueError(f"{name} must be a number > 0, got {v!r}")
-    layers = lora_modules(model)
+    layers = init_layers(model)
     # Before any check that could fail on one rank only (no layers, merged layers): all ranks raise together.
     check_same_layout_across_ranks(layers)
     if not layers:
-        raise ValueError("spectral_init: model has no LoRALinear layers (call lorakern.apply_lora first)")
+        raise ValueError("spectral_init: model has no LoRALinear layers and no peft LoRA Linear layers with an "
+                         "active adapter (call lorakern.apply_lora first, or wrap it with peft.get_peft_model)")
     merged = [n for n, m in layers.items() if m.merged]
     if merged:
         raise ValueError(f"spectral_init: unmerge the layers first: {merged[:5]}")
     if method == "lora-ga":
-        tied = tied_elsewhere(model)
+        # a peft layer's weight belongs to its base layer; tied_elsewhere names the other owners
+        tied = tied_elsewhere(model, {n: m.base_layer if isinstance(m, PeftLinearAdapter) else m
+                                      for n, m in layers.items()})
         if tied:
             raise ValueError(f"spectral_init: lora-ga subtracts its offset from the base weight, but these layers' "
                              f"weights are tied to other modules, which would change too: {tied[:5]}; leave them "
                              f"out of apply_lora (exclude=...) or use method='lora-one'")
+        nonzero = [n for n, m in layers.items() if isinstance(m, PeftLinearAdapter) and _product_nonzero(m)]
+        if nonzero:
+            raise ValueError(f"spectral_init: lora-ga on peft layers needs their adapters at peft's zero init "
+                             f"(lora_B @ lora_A = 0): peft's save_pretrained(..., "
+                             f"path_initial_model_for_weight_conversion=...) can only carry the base change "
+                             f"scaling * B0 A0 of the new factors, not the old adapter that the init would fold "
+                             f"into the base; these are not zero: {nonzero[:5]}")
     k = 2 if method == "lora-ga" else 1
     need = {}
     for n, m in layers.items():
@@ -146,6 +279,15 @@ def spectral_init(model: torch.nn.Module, batches: Iterable, loss_fn: Callable, 
                 _write_init(m, method, U, S, Vh, s, normalize, gamma, c)
             spectra[n] = S.detach().cpu()
     return spectra
+
+
+@torch.no_grad()
+def _product_nonzero(m) -> bool:
+    A, B = m.lora_A, m.lora_B
+    if not (A.any() and B.any()):
+        return False
+    wide = torch.promote_types(A.dtype, torch.float32)
+    return bool((B.to(wide) @ A.to(wide)).any())
 
 
 def _write_init(m, method: str, U, S, Vh, s, normalize, gamma, c) -> None:
