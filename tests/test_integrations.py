@@ -176,3 +176,35 @@ def test_callback_draws_num_batches_and_skips_a_resumed_run(tmp_path):
     for name, ref in lk.lora_modules(reference).items():
         m = lk.lora_modules(model)[name]
         assert torch.equal(m.lora_A, ref.lora_A) and torch.equal(m.lora_B, ref.lora_B), name
+
+
+def test_trainer_with_an_accelerated_peft_model(tmp_path):
+    """peft code + lorakern: get_peft_model, lk.accelerate, the same two Trainer lines; LoRA-One init on peft's
+    adapters (equal to spectral_init on the same PeftModel outside the Trainer), training lowers the loss, and
+    peft's save_pretrained writes an adapter peft loads."""
+    peft = pytest.importorskip("peft")
+    base = tiny_llama(lora=False)
+    reference = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    model = lk.accelerate(peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)))
+    init = SpectralInitCallback(mode="exact")
+    trainer = transformers.Trainer(model=model, args=training_args(tmp_path, max_steps=12),
+                                   train_dataset=TokenDataset(), callbacks=[init],
+                                   optimizer_cls_and_kwargs=preconditioned_adamw(lr=2e-2))
+    trainer.train()
+    assert isinstance(trainer.optimizer.optimizer, lk.optim.PreconditionedAdamW)
+    n_layers = 2 * len(TARGETS)
+    assert len(init.spectra) == n_layers and len(trainer.optimizer.optimizer.param_groups[0]["params"]) == 2 * n_layers
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(losses) == 12 and losses[-1] < 0.7 * losses[0], losses
+    reference.train()
+    batch = {"input_ids": TokenDataset().ids, "labels": TokenDataset().ids}
+    spectra = lk.spectral_init(reference, [batch], model_loss, mode="exact", progress=False)
+    assert sorted(spectra) == sorted(init.spectra)
+    for name in spectra:
+        assert rel_err(init.spectra[name], spectra[name]) < 1e-4, name
+    model.save_pretrained(tmp_path / "adapter")
+    loaded = peft.PeftModel.from_pretrained(tiny_llama(lora=False), tmp_path / "adapter")
+    ids = TokenDataset().ids[:2]
+    model.eval()
+    with torch.no_grad():
+        assert rel_err(loaded(input_ids=ids).logits, model(input_ids=ids).logits) < 1e-5

@@ -4,6 +4,7 @@
     from lorakern.integrations.transformers import SpectralInitCallback, preconditioned_adamw
 
     lk.apply_lora(model, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], r=16, alpha=32)
+    # or, with peft: model = lk.accelerate(get_peft_model(model, LoraConfig(r=16, lora_alpha=32, ...)))
     trainer = Trainer(model=model, args=args, train_dataset=train_ds,
                       callbacks=[SpectralInitCallback()],                     # LoRA-One init before step 1
                       optimizer_cls_and_kwargs=preconditioned_adamw(lr=2e-4))  # LoRA-One-P
@@ -91,10 +92,18 @@ def gradient_batches(dataloader: Iterable | None, num_batches: int, device: torc
     return batches
 
 
+def _has_lora(model: torch.nn.Module) -> bool:
+    """lorakern LoRALinear layers, or peft LoRA layers whose update is lora_B @ lora_A (a PeftModel)."""
+    from lorakern.optim.pairs import peft_adapter_pairs
+    return any(isinstance(m, lk.LoRALinear) or peft_adapter_pairs(m) for m in model.modules())
+
+
 def _check_has_lora(model: torch.nn.Module | None, who: str) -> None:
-    if model is None or not lk.lora_modules(model):
-        kind = "no model" if model is None else f"the model ({type(model).__name__}) has no LoRALinear layers"
-        raise ValueError(f"{who}: {kind}; call lorakern.apply_lora(model, ...) before building the Trainer")
+    if model is None or not _has_lora(model):
+        kind = ("no model" if model is None else
+                f"the model ({type(model).__name__}) has no LoRALinear layers and no peft LoRA Linear layers")
+        raise ValueError(f"{who}: {kind}; call lorakern.apply_lora(model, ...) (or peft.get_peft_model) before "
+                         f"building the Trainer")
 
 
 def spectral_init_from_dataloader(model: torch.nn.Module, dataloader: Iterable, num_batches: int = 1,
@@ -106,7 +115,7 @@ def spectral_init_from_dataloader(model: torch.nn.Module, dataloader: Iterable, 
     _check_has_lora(model, "spectral_init_from_dataloader")
     if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
         raise ValueError(f"num_batches must be an int >= 1, got {num_batches!r}")
-    device = next(iter(lk.lora_modules(model).values())).weight.device
+    device = next(model.parameters()).device
     batches = gradient_batches(dataloader, num_batches, device)
     was_training = model.training
     model.train()
