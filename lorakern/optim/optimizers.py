@@ -13,9 +13,9 @@ nystrom-init-nora.txt eq. (5), first-step skip included: at A = 0 (Nystrom/NoRA 
 order="jacobi": both P's come from the factors before the step. order="gauss-seidel": A is updated first
 and P_B is computed from the updated A (the reference code's order).
 
-The first argument is a module (its LoRALinear pairs are found with lora_modules; its other trainable
-parameters join the same optimizer in a second param group, updated by plain AdamW / SGD with the same
-hyperparameters) or an iterable of LoRALinear modules. Param group 0 holds the pairs as [A_0, B_0, A_1, ...]
+The first argument is a module (the pairs of its LoRALinear and peft LoRA layers are found by pairs.py; its
+other trainable parameters join the same optimizer in a second param group, updated by plain AdamW / SGD with
+the same hyperparameters) or an iterable of LoRA layers. Param group 0 holds the pairs as [A_0, B_0, A_1, ...]
 with "lora_pairs": True, which state_dict saves, so the pairing survives a save/load round trip.
 
 Gradients: a factor whose .grad is None is skipped for that step (no moment update, no decay, its step count
@@ -369,8 +369,8 @@ class PreconditionedAdamW(_PairOptimizer):
     """AdamW on r x r preconditioned LoRA gradients: LoRA-One-P (lora-one.txt Alg. 2), the Riemannian
     preconditioned AdamW of Zhang & Pilanci, and NoRA+ with normalize="fro" (nystrom-init-nora.txt Alg. 2).
 
-    model: a module (its LoRALinear pairs are preconditioned; its other trainable parameters get plain AdamW
-    in param group 1) or an iterable of LoRALinear modules. damping: lambda >= 0 (0: pseudo-inverse).
+    model: a module (its LoRALinear / peft LoRA pairs are preconditioned; its other trainable parameters get
+    plain AdamW in param group 1) or an iterable of LoRA layers. damping: lambda >= 0 (0: pseudo-inverse).
     eps > 0 (eps = 0 divides 0 by 0 where a preconditioned gradient is 0, e.g. at the standard init).
     normalize: None or "fro". order: "jacobi" or "gauss-seidel". bias_correction=False reproduces the
     reference code (it applies to every param group). See the module docstring for the exact update.
