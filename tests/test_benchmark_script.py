@@ -101,3 +101,14 @@ def test_lora_linear_bench_selects_each_design_and_restores_the_settings():
     finally:
         lk.set_backend(saved[0])
         lk.set_design(saved[1])
+
+
+def test_peft_accel_bench_small_writes_json(tmp_path):
+    out = tmp_path / "peft_accel.json"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "peft_accel_bench.py"), "--models", "llama", "--small",
+           "--iters", "1", "--warmup", "0", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [r["variant"] for r in rows] == ["peft", "peft+lk"]
+    assert all(r["step_ms"] > 0 and r["saved_mib"] > 0 for r in rows) and rows[0]["x_peft"] == 1.0
