@@ -50,3 +50,14 @@ def randomize_adapter(layer, std: float = 0.3):
         layer.lora_A.normal_(0, std)
         layer.lora_B.normal_(0, std)
     return layer
+
+
+@pytest.fixture
+def one_thread():
+    """Small models: one thread. Two OpenMP threads on a 2-core machine that another process keeps busy spin
+    against each other and make such tests ~10x slower for nothing. Use with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

@@ -13,14 +13,7 @@ from conftest import randomize_adapter, rel_err
 
 transformers = pytest.importorskip("transformers")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """A tiny model: one thread (two OpenMP threads on a busy 2-core machine spin against each other)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # fp32; inductor fuses and reorders the reductions of RMSNorm, softmax and the cross-entropy, which moves
@@ -67,3 +60,4 @@ def test_compiled_hf_model_matches_eager(backend):
     for name, (gA_ref, gB_ref) in grads_ref.items():
         gA, gB = grads[name]
         assert rel_err(gA, gA_ref) < TOL and rel_err(gB, gB_ref) < TOL, name
+

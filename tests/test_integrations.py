@@ -16,15 +16,7 @@ transformers = pytest.importorskip("transformers")
 from lorakern.integrations.transformers import (  # noqa: E402
     PreconditionedAdamWFactory, SpectralInitCallback, model_loss, preconditioned_adamw, spectral_init_from_dataloader)
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread. Two OpenMP threads on a 2-core machine that another process keeps busy spin
-    against it and make these tests ~10x slower for nothing."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 N_EXAMPLES, SEQ = 8, 16
@@ -208,3 +200,4 @@ def test_trainer_with_an_accelerated_peft_model(tmp_path):
     model.eval()
     with torch.no_grad():
         assert rel_err(loaded(input_ids=ids).logits, model(input_ids=ids).logits) < 1e-5
+

@@ -23,19 +23,14 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 from peft.tuners.lora import layer as peft_lora  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FP32_TOL = 1e-6
 BF16_TOL = 1e-2
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MINILM_TARGETS = ["query", "key", "value", "dense"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models: one thread (two OpenMP threads on a busy 2-core machine spin against each other)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def tiny_llama():
@@ -497,3 +492,4 @@ def test_torch_compile_fullgraph_no_graph_break(bases):
             assert code.count("higher_order.autograd_function_apply(") == n_layers, code[:3000]
     finally:
         torch._dynamo.reset()
+

@@ -21,18 +21,14 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TARGETS = ["q_proj", "v_proj", "gate_proj"]
 PREFIX = "base_model.model."
 FP32_STEP_TOL = 1e-6  # measured: ~5e-8 after 4 steps (peft's forward vs lorakern's op, fp32)
 INIT_TOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="module")
@@ -391,3 +387,4 @@ def test_models_without_lora_layers_raise(base, batches):
     emb = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens"]))
     with pytest.raises(ValueError, match="not a plain lora_B @ lora_A \\(Embedding"):
         lk.optim.ScaledGD(emb)
+
