@@ -326,8 +326,8 @@ if _INTERPRET:  # small tiles: CI stays fast and odd shapes cross block edges
                        "gemm_bwd": _cfg(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)}
     HALF_CONFIGS = TF32_CONFIGS = DEFAULT_CONFIGS
     _REDUCE_BLOCK = 256
-else:  # Hopper-sized starting points (compile_sm90.py: wgmma, no spills); `tune` measures the candidates
-    HALF_CONFIGS = {"xa": _cfg(BLOCK_M=64, BLOCK_K=128), "dy": _cfg(BLOCK_M=64, BLOCK_N=128),
+else:  # Hopper-sized starting points; `tune` measures the candidates
+    HALF_CONFIGS = {"xa": _cfg(BLOCK_M=64, BLOCK_K=128, warps=8), "dy": _cfg(BLOCK_M=64, BLOCK_N=128, warps=8),
                     "gemm_fwd": _cfg(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, warps=8),
                     "gemm_bwd": _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, warps=8, stages=4)}
     TF32_CONFIGS = dict(HALF_CONFIGS, gemm_fwd=_cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, warps=8),
@@ -335,20 +335,33 @@ else:  # Hopper-sized starting points (compile_sm90.py: wgmma, no spills); `tune
     DEFAULT_CONFIGS = HALF_CONFIGS
     _REDUCE_BLOCK = 1024
 
-# What `tune` times per kernel (pruned by benchmarks/compile_sm90.py: every one compiles for sm_90a with wgmma
-# where the tile allows it, <= 227 KB of shared memory and no spills).
+# What `tune` times per kernel and dtype family ("half": fp16/bf16 activations; "tf32": fp32). Defaults and
+# candidates are pruned by `benchmarks/compile_sm90.py` (full run): each compiles for sm_90a in every mode its
+# kernel runs (gemm_bwd: with/without dropout, hybrid, dA only), for adapters in the activation dtype or fp32 and
+# every BLOCK_R, in <= 227 KB of shared memory without spills. Dropped by that (triton 3.9, 2026-12-06), each
+# replaced in place: gemm_bwd 128x256x64/256x128x64 w8 (2-3.7 KB/thread spilled with dropout), 128x128x64 w4 and
+# 64x128x64 w4 (dropout, BLOCK_R 32); gemm_fwd 128x128x64 w4 (fp32 adapters, BLOCK_R 32); tf32 gemm_bwd 128x64x32
+# w4 (dropout, BLOCK_R 32); xa 64x128 w4 (dropout with fp32 adapters or x) and 32x128 w4 s3; dy 64x128 w4 (fp32
+# adapters or x, BLOCK_R 32/64). The 8-warp tiles hold the same work in fewer registers.
 CANDIDATES = {
     "half": {"xa": [_cfg(BLOCK_M=bm, BLOCK_K=bk, warps=w, stages=s) for bm, bk, w, s in
-                    ((32, 128, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4))],
+                    ((32, 64, 4, 4), (64, 128, 8, 3), (64, 64, 4, 4))],
              "dy": [_cfg(BLOCK_M=bm, BLOCK_N=bn, warps=w, stages=s) for bm, bn, w, s in
-                    ((64, 128, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3))],
-             "gemm": [_cfg(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, warps=w, stages=s)
-                      for bm, bn, bk, w, s in ((128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4),
-                                               (128, 128, 64, 4, 4), (64, 128, 64, 4, 4))]},
-    "tf32": {"gemm": [_cfg(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, warps=w, stages=s)
-                      for bm, bn, bk, w, s in ((128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4))]},
+                    ((64, 128, 8, 3), (64, 64, 4, 4), (128, 64, 8, 3))],
+             "gemm_fwd": [_cfg(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, warps=w, stages=s)
+                          for bm, bn, bk, w, s in ((128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4),
+                                                   (128, 64, 64, 4, 4), (64, 128, 64, 4, 4))],
+             "gemm_bwd": [_cfg(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, warps=w, stages=s)
+                          for bm, bn, bk, w, s in ((64, 256, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4),
+                                                   (128, 64, 64, 8, 4), (64, 128, 64, 8, 4))]},
+    "tf32": {"xa": [_cfg(BLOCK_M=bm, BLOCK_K=bk, warps=w, stages=s) for bm, bk, w, s in
+                    ((32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 4))],
+             "gemm_fwd": [_cfg(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, warps=w, stages=s)
+                          for bm, bn, bk, w, s in ((128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4))],
+             "gemm_bwd": [_cfg(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, warps=w, stages=s)
+                          for bm, bn, bk, w, s in ((128, 128, 32, 8, 3), (128, 64, 32, 8, 4), (64, 128, 32, 4, 4))]},
 }
-CANDIDATES["tf32"].update(xa=CANDIDATES["half"]["xa"], dy=CANDIDATES["half"]["dy"])
+CANDIDATES["tf32"]["dy"] = CANDIDATES["half"]["dy"]
 
 
 def default_configs(x_dtype: torch.dtype) -> dict:
@@ -359,8 +372,7 @@ def candidates(x_dtype: torch.dtype, kernel: str) -> list[dict]:
     """The configs `tune` times for `kernel` ("xa", "dy", "gemm_fwd", "gemm_bwd") with x of `x_dtype`."""
     if _INTERPRET:  # two tiny configs: enough for the dry run to exercise the search
         return [DEFAULT_CONFIGS[kernel], dict(DEFAULT_CONFIGS[kernel], BLOCK_M=16)]
-    table = CANDIDATES["tf32" if x_dtype == torch.float32 else "half"]
-    return table["gemm" if kernel.startswith("gemm") else kernel]
+    return CANDIDATES["tf32" if x_dtype == torch.float32 else "half"][kernel]
 
 
 # ----------------------------------------------------------------------------------------------------------
