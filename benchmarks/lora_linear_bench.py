@@ -17,8 +17,7 @@ Variants (each on the same x, W, A, B; the lk-* ones are one lorakern.LoRALinear
   eager       x @ W^T + b + s * (x @ A^T) @ B^T written out, autograd does the rest
   peft        peft's LoRA layer (peft.get_peft_model on a one-layer module)
   compile     torch.compile of the eager form (CUDA only; compile time excluded)
-A design is selected with lorakern.set_design (LORAKERN_BASE_GEMM with a lorakern that predates it) and
-restored afterwards. --variants picks a subset (frozen always runs: it is the floor); variants that do not
+A design is selected with lorakern.set_design and restored afterwards. --variants picks a subset (frozen always runs: it is the floor); variants that do not
 exist on the device are dropped, so one command line serves the CPU and CUDA.
 Times are medians (CUDA events on GPU, perf_counter on CPU); ratios are to `frozen` in the same run.
 --check first compares every variant's y, dX, dA, dB with float64 (relative Frobenius error, column `err`).
@@ -28,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 from _report import save_json  # benchmarks/ is the script folder, on sys.path
-import os
 import statistics
 import sys
 import time
@@ -44,7 +42,6 @@ DEFAULT_SHAPES = ["8192x4096x4096", "8192x4096x14336", "8192x14336x4096", "2048x
 DESIGNS = {"lk-auto": "auto", "lk-cublas": "cublas", "lk-hybrid": "hybrid", "lk-fused": "fused"}
 VARIANTS = ["frozen", *DESIGNS, "eager", "peft", "compile"]
 CUDA_ONLY = ("lk-hybrid", "lk-fused", "compile")
-_LEGACY_BASE_GEMM = {"hybrid": "cublas", "fused": "triton"}  # LORAKERN_BASE_GEMM before set_design existed
 
 
 def parse_shape(spec: str, ranks: list[int]) -> list[tuple[int, int, int, int]]:
@@ -70,31 +67,21 @@ def available_variants(requested: list[str], device: torch.device) -> list[str]:
 @contextlib.contextmanager
 def design(variant: str, device: torch.device):
     """Runs the body under the lorakern design of an lk-* variant (other variants: as configured); restores the
-    backend, the design and LORAKERN_BASE_GEMM afterwards. On the CPU designs do not apply: lk-cublas is the
-    plain-torch path, the other lk-* variants the C++ operator. A lorakern without set_design gets the older
-    mechanism: the torch backend for cublas, LORAKERN_BASE_GEMM for hybrid / fused."""
+    backend and the design afterwards. On the CPU designs do not apply: lk-cublas is the plain-torch path, the
+    other lk-* variants the C++ operator."""
     name = DESIGNS.get(variant)
-    set_design, get_design = getattr(lk, "set_design", None), getattr(lk, "get_design", None)
-    saved = (lk.get_backend(), get_design() if get_design else None, os.environ.get("LORAKERN_BASE_GEMM"))
+    saved = (lk.get_backend(), lk.get_design())
     try:
-        if name == "cublas" and (device.type != "cuda" or set_design is None):
+        if name == "cublas" and device.type != "cuda":
             lk.set_backend("torch")
         elif name is not None:
             lk.set_backend("auto")  # the design decides, not a backend left in the environment
-            if device.type == "cuda" and set_design is not None:
-                set_design(name)
-            elif device.type == "cuda" and name in _LEGACY_BASE_GEMM:
-                os.environ["LORAKERN_BASE_GEMM"] = _LEGACY_BASE_GEMM[name]
+            if device.type == "cuda":
+                lk.set_design(name)
         yield
     finally:
-        backend, previous_design, base_gemm = saved
-        lk.set_backend(backend)
-        if set_design is not None and previous_design is not None:
-            set_design(previous_design)
-        if base_gemm is None:
-            os.environ.pop("LORAKERN_BASE_GEMM", None)
-        else:
-            os.environ["LORAKERN_BASE_GEMM"] = base_gemm
+        lk.set_backend(saved[0])
+        lk.set_design(saved[1])
 
 
 def timed(fn, device: torch.device, warmup: int, iters: int) -> float:
