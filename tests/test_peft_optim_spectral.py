@@ -20,6 +20,7 @@ from conftest import rel_err
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from test_peft_accel import tiny_llama  # noqa: E402  the same 2-layer LLaMA (vocab 300, hidden 64)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,10 +34,7 @@ INIT_TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def base():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_llama()
 
 
 @pytest.fixture(scope="module")
