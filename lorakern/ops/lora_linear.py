@@ -80,8 +80,9 @@ class _TorchImpl:
     def forward(self, x, weight, bias, lora_A, lora_B, scaling, dropout_p, generator, needs):
         keep, x_lora = None, x
         if dropout_p > 0.0:  # a 1-byte mask kept for backward
-            keep = torch.empty_like(x).bernoulli_(1.0 - dropout_p, generator=generator).bool()
-            x_lora = x * keep / (1.0 - dropout_p)
+            # nn.Dropout's CPU arithmetic, bit for bit: a mask of 0 / 1 divided by 1 - p, times x
+            scaled = torch.empty_like(x).bernoulli_(1.0 - dropout_p, generator=generator).div_(1.0 - dropout_p)
+            keep, x_lora = scaled.bool(), x * scaled
         y, xa = self._ops()[0](x, weight, bias, x_lora, lora_A, lora_B, scaling)
         # x itself only when the (normally frozen) base weight wants a gradient.
         return y, (x_lora, xa, keep, x if needs[1] else None)
@@ -89,7 +90,7 @@ class _TorchImpl:
     def backward(self, grad_y, saved, weight, lora_A, lora_B, scaling, dropout_p, needs):
         x_lora, xa, keep, x = saved
         need_dx, need_dW, need_db, need_dA, need_dB = needs
-        mask = keep.to(lora_A.dtype) / (1.0 - dropout_p) if keep is not None and need_dx else None
+        mask = keep.to(lora_A.dtype).div_(1.0 - dropout_p) if keep is not None and need_dx else None
         dx, dA, dB = self._ops()[1](grad_y, x_lora, xa, weight, lora_A, lora_B, scaling, mask,
                                     need_dx, need_dA, need_dB)
         return dx, _base_grad(grad_y, x, need_dW), _bias_grad(grad_y, need_db), dA, dB
