@@ -8,8 +8,9 @@ Stages, in order; each is one subprocess (its own process group) with a wall-clo
 
     stage     limit  what runs on the GPU (its JSON under $OUT)         why it fits
     (env)      15 s  versions, GPU name, nvidia-smi (env.json)          one import of torch
-    build      55 s  pip install --no-build-isolation --no-deps -e .    3 C++ files (no .cu), compiled in
-                                                                        parallel: 45 s wall on 2 CI cores
+    build      75 s  pip install --no-build-isolation --no-deps -e .    5 C++ files, 1 .cu (sm_80 + sm_90a,
+                                                                        ~4 s) and its torch glue (~30 s),
+                                                                        compiled in parallel (16 cores)
     check      45 s  python -m lorakern check (check.json)              small shapes vs float64, one launch
                                                                         config per kernel, all compiled first,
                                                                         in parallel (12 cases)
@@ -26,13 +27,18 @@ Stages, in order; each is one subprocess (its own process group) with a wall-clo
                      init on one block's 7 layers (spectral.json)       7 full SVDs on the GPU
     e2e        45 s  e2e_step.py: 0.95B, 4 x 2048 tokens, r=16 on 7     6 variants x (build + 13 steps of
                      projections, peak memory (e2e.json)                ~0.1-0.2 s)
-    total     360 s  + 1-2 min machine start: one device call of <= 8 min, 7 of the 15 min left for a rerun
+    linalg     20 s  small_linalg_bench.py: csrc/cuda's batched         6 orders x 2 batch sizes x 5 ops x
+                     Cholesky / inverse / solve / eigh vs torch,        2 dtypes, 7 calls of < 1 ms each;
+                     k 8..256, float64-checked (small_linalg.json):     exit 1 on an error above 1e-5 / 1e-12
+                     its EXT_FASTER line decides what CUDA uses
+    total     400 s  + 1-2 min machine start: one device call of <= 9 min, 6 of the 15 min left for a rerun
 
 The 5 layer / tune cases (tokens x in x out : rank): 8192x4096x4096:16, 8192x4096x14336:16,
 8192x14336x4096:16, 8192x4096x4096:64, 2048x4096x4096:16; tune also measures e2e's three projection shapes
 (8192x2048x2048, 8192x2048x5632, 8192x5632x2048 at r=16) if its budget allows.
 Optional stage gpu_tests (150 s, not in the default run: `--only gpu_tests`, a second device call):
-tests/test_gpu.py, the float64-referenced GPU tests (graph replay with dropout, reseeding, bitwise gradients).
+tests/test_gpu.py and the gpu-marked tests/test_small_linalg.py, float64-referenced (graph replay with dropout,
+reseeding, bitwise gradients; every csrc/cuda kernel).
 The limits are estimates made without a GPU (none was lent so far): summary.json records each stage's
 measured seconds; set BUDGET_S from the first session's. The reference procedure of the spectral benchmark
 (host copies of every gradient, q=512 SVDs: ~35 s on an H100 per issue 5, plus a full SVD per compared
@@ -70,8 +76,8 @@ from pathlib import Path
 
 # The wall-clock limit of each stage on a fresh H100, seconds (the docstring's table says why each fits).
 ENV_BUDGET_S = 15
-BUDGET_S = {"build": 55, "check": 45, "tune": 60, "layer": 75, "optim": 30, "spectral": 35, "e2e": 45,
-            "gpu_tests": 150}
+BUDGET_S = {"build": 75, "check": 45, "tune": 60, "layer": 75, "optim": 30, "spectral": 35, "e2e": 45,
+            "linalg": 20, "gpu_tests": 150}
 OPTIONAL = ("gpu_tests",)  # run only when named (--only gpu_tests): a second device call
 DRY_BUDGET_S = 180  # each stage of the CPU rehearsal (TRITON_INTERPRET=1 on a 2-core machine)
 SOFT_MARGIN_S = 15  # a stage that can stop early ({soft_limit}) is told its limit less this
@@ -130,9 +136,13 @@ STAGES = [
           gpu=("--device", "cuda"),
           dry=("--device", "cpu", "--small", "--layers", "1", "--seq", "32", "--warmup", "1", "--iters", "2",
                "--threads", "1"), json="e2e.json"),
+    Stage("linalg", ("{py}", "benchmarks/small_linalg_bench.py", "--json", "{json}"),
+          gpu=("--device", "cuda", "--ks", "8", "16", "32", "64", "128", "256"),
+          dry=("--device", "cpu", "--quick", "--repeats", "2"), json="small_linalg.json"),
     # optional: the float64-referenced GPU tests (CUDA-graph replay with dropout, reseeding, bitwise gradients)
     Stage("gpu_tests", ("{py}", "-m", "pytest", "-q", "-x", "--junitxml", "{json}"),
-          gpu=("tests/test_gpu.py",), dry=("tests/test_gpu.py", "tests/test_dispatch.py"), json="gpu_tests.xml"),
+          gpu=("tests/test_gpu.py", "tests/test_small_linalg.py"),
+          dry=("tests/test_gpu.py", "tests/test_dispatch.py"), json="gpu_tests.xml"),
 ]
 STAGE_NAMES = [s.name for s in STAGES]
 assert set(STAGE_NAMES) == set(BUDGET_S), "every stage needs a budget"

@@ -1,5 +1,6 @@
-// Python module lorakern._C: importing it registers the torch.ops.lorakern operators (lora_cpu.cpp,
-// and the CUDA sources when built with them) and reports how it was built.
+// Python module lorakern._C: importing it registers the torch.ops.lorakern operators (csrc/*.cpp for the CPU and
+// composite keys; csrc/cuda/ for the CUDA key when built with it) and reports how it was built: with_cuda is
+// True when the CUDA sources were compiled in (setup.py, LORAKERN_CUDA).
 #include <torch/extension.h>
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
