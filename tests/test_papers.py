@@ -185,9 +185,10 @@ def test_fig3_spectral_init_starts_closer(lora_one):
 
 # -- lora-one.txt: Fig. 1(c) on digits ----------------------------------------------------------------------------
 
-def test_digits_lora_one_beats_lora(digits):
-    lr, seed = digits["lrs"][0], digits["seeds"][0]
-    run = {m: digits["runs"][(seed, lr, m)] for m in ("Full FT", "LoRA", "LoRA-One", "LoRA-One-P", "NoRA")}
+@pytest.mark.parametrize("optimizer", ["adamw", "gd"])  # the caption says gradient descent; AdamW beside it
+def test_digits_lora_one_beats_lora(digits, optimizer):
+    lr, seed = digits["lrs"][optimizer][0], digits["seeds"][0]
+    run = {m: digits["runs"][(seed, optimizer, lr, m)] for m in ("Full FT", "LoRA", "LoRA-One", "LoRA-One-P", "NoRA")}
     for name, r in run.items():
         assert all(math.isfinite(v) for v in r["losses"]) and r["losses"][-1] < r["losses"][0], name
     assert run["LoRA-One"]["losses"][-1] < run["LoRA"]["losses"][-1]

@@ -13,15 +13,20 @@ then fine-tuned (full batch) on two thirds of the even digits; the last third me
   LoRA-One-P  the LoRA-One init, then lk.optim.PreconditionedAdamW (Algorithm 2, damping 1e-6)
   NoRA        lk.apply_lora(init="nystrom") (lora_B = W Omega, lora_A = 0), AdamW
 
+The figure's caption says "under gradient descent": every method also runs with plain full-batch GD
+(torch.optim.SGD without momentum; LoRA-One-P: lk.optim.ScaledGD, the preconditioned GD of Algorithm 2 with
+damping 1e-6), on its own learning-rate grid (GD's steps are not Adam's: 5e-4 barely moves it).
+
 Adapters: r = 4, alpha = 16 with rsLoRA scaling alpha/sqrt(r) (Algorithm 1's output W + (alpha/sqrt(r)) A B),
-s = 16 (the paper's SST-2 value). Every method gets the same learning rate; we report three of them (the
-paper's 5e-4 included) over three seeds (data split, pre-training, adapter draws).
+s = 16 (the paper's SST-2 value). Every method gets the same learning rate; we report three of them per
+optimizer (AdamW: the paper's 5e-4 included) over three seeds (data split, pre-training, adapter draws).
 
     python examples/papers/lora_one_digits.py [--quick]
 """
 from __future__ import annotations
 
 import copy
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -35,6 +40,7 @@ import lorakern as lk  # noqa: E402
 from _common import begin, finish, print_table, pyplot, save_figure, torch_threads, run_cli  # noqa: E402
 
 METHODS = ("Full FT", "LoRA", "LoRA-One", "LoRA-One-P", "NoRA")
+OPTIMIZERS = ("adamw", "gd")
 RANK, ALPHA, S = 4, 16.0, 16.0
 
 
@@ -72,23 +78,29 @@ def pretrain(data: dict, seed: int, hidden: int = 64, steps: int = 300) -> nn.Mo
     return net
 
 
-def prepare(method: str, base: nn.Module, train, lr: float, seed: int):
-    """A copy of the pre-trained network set up for `method`, and its optimizer."""
+def prepare(method: str, base: nn.Module, train, lr: float, seed: int, optimizer: str = "adamw"):
+    """A copy of the pre-trained network set up for `method`, and its optimizer ("adamw" or "gd")."""
     torch.manual_seed(seed)  # the random adapter draws (LoRA's A, NoRA's Omega)
     model = copy.deepcopy(base)
     if method == "Full FT":
-        return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        return model, (torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0) if optimizer == "adamw"
+                       else torch.optim.SGD(model.parameters(), lr=lr))
     lk.apply_lora(model, r=RANK, alpha=ALPHA, rslora=True, init="nystrom" if method == "NoRA" else "lora")
     if method in ("LoRA-One", "LoRA-One-P"):
         # Algorithm 1 lines 1-6: the one-step full gradient of the fine-tuning loss at the pre-trained weights
         lk.spectral_init(model, [train], loss_fn, method="lora-one", mode="exact", s=S, progress=False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if optimizer == "gd":
+        return model, (lk.optim.ScaledGD(model, lr=lr, damping=1e-6) if method == "LoRA-One-P"
+                       else torch.optim.SGD(trainable, lr=lr))
     if method == "LoRA-One-P":
         return model, lk.optim.PreconditionedAdamW(model, lr=lr, weight_decay=0.0)
-    return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    return model, torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
 
 
-def finetune(method: str, base: nn.Module, data: dict, lr: float, steps: int, seed: int) -> dict:
-    model, opt = prepare(method, base, data["train"], lr, seed)
+def finetune(method: str, base: nn.Module, data: dict, lr: float, steps: int, seed: int,
+             optimizer: str = "adamw") -> dict:
+    model, opt = prepare(method, base, data["train"], lr, seed, optimizer)
     losses = []
     for _ in range(steps):
         loss = loss_fn(model, data["train"])
@@ -102,67 +114,79 @@ def finetune(method: str, base: nn.Module, data: dict, lr: float, steps: int, se
     return {"losses": losses, "test_acc": accuracy(model, data["test"]), "trainable": trainable}
 
 
-def experiment(seeds: list[int], lrs: list[float], steps: int) -> dict:
-    runs = {}  # (seed, lr, method) -> run
+def experiment(seeds: list[int], lrs: dict[str, list[float]], steps: int) -> dict:
+    """lrs: {optimizer: its learning rates}. runs[(seed, optimizer, lr, method)]."""
+    runs = {}
     pre = {}
     for seed in seeds:
         data = digits_split(seed)
         base = pretrain(data, seed)
         pre[seed] = {"odd_acc": accuracy(base, data["pre"]), "even_acc": accuracy(base, data["test"]),
                      "n": {k: len(v[1]) for k, v in data.items()}}
-        for lr in lrs:
-            for method in METHODS:
-                runs[(seed, lr, method)] = finetune(method, base, data, lr, steps, seed)
+        for optimizer, grid in lrs.items():
+            for lr in grid:
+                for method in METHODS:
+                    runs[(seed, optimizer, lr, method)] = finetune(method, base, data, lr, steps, seed, optimizer)
     return {"runs": runs, "pre": pre, "seeds": seeds, "lrs": lrs, "steps": steps}
 
 
-def summary(res: dict, lr: float, method: str) -> dict:
-    runs = [res["runs"][(s, lr, method)] for s in res["seeds"]]
+def summary(res: dict, optimizer: str, lr: float, method: str) -> dict:
+    runs = [res["runs"][(s, optimizer, lr, method)] for s in res["seeds"]]
     final = [r["losses"][-1] for r in runs]
+    diverged = sum(not math.isfinite(f) for f in final)
     mid = [r["losses"][len(r["losses"]) // 4] for r in runs]
     return {"final": statistics.mean(final), "final_max": max(final), "final_min": min(final),
             "quarter": statistics.mean(mid), "acc": statistics.mean(r["test_acc"] for r in runs),
-            "loss0": statistics.mean(r["losses"][0] for r in runs), "trainable": runs[0]["trainable"]}
+            "loss0": statistics.mean(r["losses"][0] for r in runs), "trainable": runs[0]["trainable"],
+            "diverged": diverged}
 
 
-def plot(res: dict, main_lr: float, out=None):
+def plot(res: dict, main_lr: dict[str, float], out=None):
     plt = pyplot()
     if plt is None:
         return None
-    fig, ax = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, ax = plt.subplots(1, 3, figsize=(19, 4.8))
     seed = res["seeds"][0]
-    for method in METHODS:
-        ax[0].semilogy(res["runs"][(seed, main_lr, method)]["losses"], label=method)
-    ax[0].set(title=f"Fig. 1(c) on digits: fine-tuning loss on even digits (lr {main_lr:g}, seed {seed})",
-              xlabel="full-batch step", ylabel="cross-entropy (train)")
-    ax[0].legend(fontsize=8)
-    for method in METHODS:
-        ax[1].loglog(res["lrs"], [summary(res, lr, method)["final"] for lr in res["lrs"]], "o-", label=method)
-    ax[1].set(title=f"final training loss after {res['steps']} steps vs lr (mean of {len(res['seeds'])} seeds)",
-              xlabel="learning rate (the same for every method)", ylabel="final loss")
-    ax[1].legend(fontsize=8)
+    for k, optimizer in enumerate(OPTIMIZERS):
+        for method in METHODS:
+            ax[k].semilogy(res["runs"][(seed, optimizer, main_lr[optimizer], method)]["losses"], label=method)
+        ax[k].set(title=f"Fig. 1(c) on digits, {optimizer}: loss on even digits (lr {main_lr[optimizer]:g}, "
+                        f"seed {seed})", xlabel="full-batch step", ylabel="cross-entropy (train)")
+        ax[k].legend(fontsize=8)
+    for optimizer, style in zip(OPTIMIZERS, ("o-", "s--")):
+        grid = res["lrs"][optimizer]
+        for method in METHODS:
+            ax[2].loglog(grid, [summary(res, optimizer, lr, method)["final"] for lr in grid], style,
+                         label=f"{method} ({optimizer})")
+    ax[2].set(title=f"final training loss after {res['steps']} steps vs lr (mean of {len(res['seeds'])} seeds)",
+              xlabel="learning rate (the same for every method)", ylabel="final loss (NaN: diverged, not drawn)")
+    ax[2].legend(fontsize=6, ncol=2)
     return save_figure(plt, fig, "lora_one_digits.png", out)
 
 
 def main(quick: bool = False, out=None) -> dict:
     start = begin("lora-one.txt Fig. 1(c) on scikit-learn digits: pre-train on odd, fine-tune on even", quick)
-    seeds, lrs, steps = ([0], [5e-3], 60) if quick else ([0, 1, 2], [5e-4, 2e-3, 5e-3], 200)
-    main_lr = 5e-3
+    seeds, steps = ([0], 60) if quick else ([0, 1, 2], 200)
+    lrs = ({"adamw": [5e-3], "gd": [1e-2]} if quick else
+           {"adamw": [5e-4, 2e-3, 5e-3], "gd": [1e-3, 3e-3, 1e-2, 3e-2]})
+    main_lr = {"adamw": 5e-3, "gd": 1e-2}
     with torch_threads(1):
         res = experiment(seeds, lrs, steps)
     p = res["pre"][seeds[0]]
     print(f"\nsplit: {p['n']}; pre-trained net: odd-digit accuracy {p['odd_acc']:.3f}, even-digit test accuracy "
           f"{p['even_acc']:.3f} (it has never seen an even label)")
-    for lr in lrs:
-        rows = []
-        for method in METHODS:
-            sm = summary(res, lr, method)
-            rows.append([method, sm["trainable"], f"{sm['loss0']:.3g}", f"{sm['quarter']:.3g}",
-                         f"{sm['final']:.3g} [{sm['final_min']:.3g}, {sm['final_max']:.3g}]", f"{sm['acc']:.3f}"])
-        print_table(f"lr = {lr:g}, {steps} full-batch steps, mean over seeds {seeds} (paper: LoRA-One tracks Full FT "
-                    f"and reaches a lower loss than LoRA)",
-                    ["method", "trainable params", "loss at init", f"loss at step {steps // 4}",
-                     "final loss [min, max]", "test accuracy"], rows)
+    for optimizer, grid in lrs.items():
+        for lr in grid:
+            rows = []
+            for method in METHODS:
+                sm = summary(res, optimizer, lr, method)
+                rows.append([method, sm["trainable"], f"{sm['loss0']:.3g}", f"{sm['quarter']:.3g}",
+                             (f"{sm['final']:.3g} [{sm['final_min']:.3g}, {sm['final_max']:.3g}]" if not sm["diverged"]
+                              else f"diverged in {sm['diverged']} of {len(seeds)} seeds"), f"{sm['acc']:.3f}"])
+            print_table(f"{optimizer}, lr = {lr:g}, {steps} full-batch steps, mean over seeds {seeds} (paper: LoRA-One "
+                        f"tracks Full FT and reaches a lower loss than LoRA; caption: under gradient descent)",
+                        ["method", "trainable params", "loss at init", f"loss at step {steps // 4}",
+                         "final loss [min, max]", "test accuracy"], rows)
     res["main_lr"] = main_lr
     return finish(res, plot(res, main_lr, out), start, "lora_one_digits")
 
