@@ -1,32 +1,47 @@
-"""One optimizer step on LoRA adapters: lorakern's PreconditionedAdamW against fused AdamW, the eager per-pair
-preconditioned form and peft's Riemannian optimizer, measured in one run (issue 6).
+"""One optimizer step on LoRA adapters: lorakern's PreconditionedAdamW and ScaledGD against torch's AdamW / SGD,
+the eager per-pair preconditioned form and peft's Riemannian optimizer, all measured in one run (issues 6, 14).
 
-    python benchmarks/optim_bench.py --device cuda                      # LLaMA-7B adapter shapes, r=16: 40M params
-    python benchmarks/optim_bench.py --device cpu --small --json out.json
+    python benchmarks/optim_bench.py --device cpu --sizes minilm,40m        # issue 14 item 4: both sizes, one run
+    python benchmarks/optim_bench.py --device cuda                          # LLaMA-7B adapter shapes, r=16: 40M
+    python benchmarks/optim_bench.py --device cpu --small --json out.json   # a quick CPU-sized setting
 
-Setting: --layers blocks x (q, k, v, o: hidden -> hidden; gate, up: hidden -> intermediate; down:
-intermediate -> hidden), one LoRA pair of rank r each (default 32 x 7 pairs, 39.98M adapter parameters, fp32).
+Sizes (--sizes, comma-separated; default "40m", or "small" with --small):
+  minilm  all-MiniLM-L6-v2's adapter shapes: 6 layers x (query, key, value, attention.output.dense 384->384,
+          intermediate 384->1536, output 1536->384): 36 pairs (0.66M adapter parameters at r=16)
+  40m     LLaMA-7B's: 32 blocks x (q, k, v, o 4096->4096, gate, up 4096->11008, down 11008->4096): 224 pairs
+          (39.98M at r=16); --layers / --hidden / --intermediate change it
+  small   the LLaMA layout at 2 x (256, 688) (or --layers / ... ), for a quick run
 The frozen base weights stay on the meta device: an optimizer step never reads them.
 
 Variants (the same adapter values and gradients; each has its own parameters and state):
   adamw      torch.optim.AdamW, fused=True on CUDA (foreach=True on the CPU): no preconditioning; the floor
   lorakern   lk.optim.PreconditionedAdamW, backend "auto" (fused Triton on CUDA, the torch engine on the CPU)
   lk-torch   lk.optim.PreconditionedAdamW forced onto the torch engine (CUDA only: on the CPU it is "lorakern")
-  eager      per pair: inverse of the two damped r x r Grams (fp32), two matmuls into .grad, then foreach AdamW
+  scaledgd   lk.optim.ScaledGD (same lr and damping), backend "auto"
+  sgd        torch.optim.SGD (foreach on the CPU, fused on CUDA): ScaledGD's floor (column x sgd)
+  eager      per pair: inverse of the two damped r x r Grams (fp32), two matmuls into .grad, then AdamW
   peft       peft.optimizers.create_riemannian_optimizer(model, torch.optim.AdamW, reg=damping) (if installed)
-Times are medians of one step (CUDA events on GPU, perf_counter on CPU); gradients are re-set before each
-step outside the timed region (peft preconditions .grad in place). ratio = time / adamw time;
-speedup_vs_eager = eager time / time. max_rel_err: the parameters after one step against "eager" (lorakern's
-Grams, solves and P grad products are float64, the eager form's fp32: part of the difference is the latter's).
+Timing: all variants are built first, then timed in interleaved rounds (one step of each per round, after
+--warmup rounds), so a load change on a shared machine hits every variant alike; medians over --iters rounds
+of wall time (CUDA events on GPU, perf_counter on CPU) and, on the CPU, of process CPU time. Gradients are
+re-set before each step outside the timed region (peft preconditions .grad in place). x adamw = median time /
+adamw's median time (x sgd likewise), both from this run.
+Accuracy, one step from the same values against a float64 step written here (per pair: P = (Gram + damping I)^-1
+by torch.linalg.solve, then AdamW's first step or SGD): err = max over factors of ||X - X64||_F / ||X64||_F
+(the parameters after the step); for scaledgd also step err = ||X - X64||_F / ||X64 - X0||_F (relative to
+the step's size: what the precision of P grad decides; AdamW's first step is sign-like, so this says nothing
+there). eager and peft are referenced to the AdamW step.
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import os
 from _report import print_table, save_json  # benchmarks/ is the script folder, on sys.path
 from _timing import elapsed_ms
 import statistics
 import sys
+import time
 
 import torch
 from torch import nn
@@ -35,12 +50,29 @@ import lorakern as lk
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SMALL = dict(layers=2, hidden=256, intermediate=688)
+LLAMA_7B = dict(layers=32, hidden=4096, intermediate=11008)
+SIZE_NAMES = ("minilm", "40m", "small")
+ADAM_LIKE = ("adamw", "lorakern", "lk-torch", "eager", "peft")
 
 
 def adapter_shapes(layers: int, hidden: int, intermediate: int) -> list[tuple[int, int]]:
     """(in_features, out_features) of every adapted projection of a LLaMA-style decoder."""
     block = [(hidden, hidden)] * 4 + [(hidden, intermediate)] * 2 + [(intermediate, hidden)]
     return block * layers
+
+
+def minilm_shapes(layers: int = 6, hidden: int = 384, intermediate: int = 1536) -> list[tuple[int, int]]:
+    """(in_features, out_features) of all-MiniLM-L6-v2's adapted projections (a BERT encoder)."""
+    block = [(hidden, hidden)] * 4 + [(hidden, intermediate), (intermediate, hidden)]
+    return block * layers
+
+
+def size_shapes(name: str, overrides: dict) -> list[tuple[int, int]]:
+    if name == "minilm":
+        return minilm_shapes()
+    base = dict(SMALL if name == "small" else LLAMA_7B)
+    base.update(overrides)
+    return adapter_shapes(**base)
 
 
 def build_pairs(shapes, r: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
@@ -77,12 +109,12 @@ class _PeftPair(nn.Module):
         self.lora_B.weight = nn.Parameter(B.clone())
 
 
-def _adamw_kw(device: torch.device) -> dict:
+def _torch_kw(device: torch.device) -> dict:
     return {"fused": True} if device.type == "cuda" else {"foreach": True}
 
 
 def _eager_step(pairs, opt, damping: float):
-    """The issue's eager form: per pair an r x r inverse and a matmul per factor, then one foreach AdamW."""
+    """The issue's eager form: per pair an r x r inverse and a matmul per factor, then one AdamW step."""
     with torch.no_grad():
         for A, B in pairs:
             eye = torch.eye(A.shape[0], device=A.device, dtype=torch.float32)
@@ -93,55 +125,99 @@ def _eager_step(pairs, opt, damping: float):
     opt.step()
 
 
-def build_variant(name: str, pairs, grads, r: int, device: torch.device, lr: float, damping: float, order: str):
-    """(step function, setup function, parameter pairs) of one variant, or None when it is unavailable."""
-    if name == "peft":
-        try:
-            from peft.optimizers import create_riemannian_optimizer
-        except ImportError:
-            return None
-        model = nn.ModuleList(_PeftPair(A, B) for A, B in pairs)
-        params = [(m.lora_A.weight, m.lora_B.weight) for m in model]
-        opt = create_riemannian_optimizer(model, torch.optim.AdamW, lr=lr, reg=damping, **_adamw_kw(device))
-
-        def setup():  # peft overwrites .grad with the preconditioned gradient: restore it, untimed
-            for (A, B), (gA, gB) in zip(params, grads):
-                if A.grad is None:
-                    A.grad, B.grad = gA.clone(), gB.clone()
-                else:
-                    A.grad.copy_(gA)
-                    B.grad.copy_(gB)
-        return opt.step, setup, params
-    if name in ("lorakern", "lk-torch"):
-        layers = lora_layers(pairs, r)
-        params = [(l.lora_A, l.lora_B) for l in layers]
-        opt = lk.optim.PreconditionedAdamW(layers, lr=lr, damping=damping, order=order)
-        backend = "torch" if name == "lk-torch" else "auto"
-
-        def step():
-            lk.set_backend(backend)
-            opt.step()
-    else:
-        params = [(nn.Parameter(A.clone()), nn.Parameter(B.clone())) for A, B in pairs]
-        opt = torch.optim.AdamW([t for pair in params for t in pair], lr=lr, **_adamw_kw(device))
-        step = opt.step if name == "adamw" else (lambda: _eager_step(params, opt, damping))
-
-    def setup():  # these variants never modify .grad in place: re-pointing it is enough
+def _regrad_setup(params, grads):
+    """For variants that never modify .grad in place: re-pointing it is enough."""
+    def setup():
         for (A, B), (gA, gB) in zip(params, grads):
             A.grad, B.grad = gA, gB
-    return step, setup, params
+    return setup
 
 
-def timed(fn, setup, device: torch.device, warmup: int, iters: int) -> float:
-    """Median milliseconds of fn(), with setup() before each call outside the timed region."""
-    for _ in range(warmup):
-        setup()
-        fn()
-    times = []
-    for _ in range(iters):
-        setup()
-        times.append(elapsed_ms(fn, device))
-    return statistics.median(times)
+def _peft_variant(pairs, grads, device, args):
+    try:
+        from peft.optimizers import create_riemannian_optimizer
+    except ImportError:
+        return None
+    model = nn.ModuleList(_PeftPair(A, B) for A, B in pairs)
+    params = [(m.lora_A.weight, m.lora_B.weight) for m in model]
+    opt = create_riemannian_optimizer(model, torch.optim.AdamW, lr=args.lr, reg=args.damping,
+                                      weight_decay=args.weight_decay, **_torch_kw(device))
+
+    def setup():  # peft overwrites .grad with the preconditioned gradient: restore it, untimed
+        for (A, B), (gA, gB) in zip(params, grads):
+            if A.grad is None:
+                A.grad, B.grad = gA.clone(), gB.clone()
+            else:
+                A.grad.copy_(gA)
+                B.grad.copy_(gB)
+    return opt.step, setup, params
+
+
+def _lorakern_variant(name, pairs, grads, r, args, order):
+    layers = lora_layers(pairs, r)
+    params = [(l.lora_A, l.lora_B) for l in layers]
+    if name == "scaledgd":
+        opt = lk.optim.ScaledGD(layers, lr=args.sgd_lr, damping=args.damping, order=order,
+                                weight_decay=args.weight_decay)
+    else:
+        opt = lk.optim.PreconditionedAdamW(layers, lr=args.lr, damping=args.damping, order=order,
+                                           weight_decay=args.weight_decay)
+    backend = "torch" if name == "lk-torch" else "auto"
+
+    def step():
+        lk.set_backend(backend)
+        opt.step()
+    return step, _regrad_setup(params, grads), params
+
+
+def build_variant(name: str, pairs, grads, r: int, device: torch.device, args, order: str = "jacobi"):
+    """(step function, setup function, parameter pairs) of one variant, or None when it is unavailable."""
+    if name == "peft":
+        return _peft_variant(pairs, grads, device, args)
+    if name in ("lorakern", "lk-torch", "scaledgd"):
+        return _lorakern_variant(name, pairs, grads, r, args, order)
+    params = [(nn.Parameter(A.clone()), nn.Parameter(B.clone())) for A, B in pairs]
+    flat = [t for pair in params for t in pair]
+    if name == "sgd":
+        opt = torch.optim.SGD(flat, lr=args.sgd_lr, weight_decay=args.weight_decay, **_torch_kw(device))
+    else:
+        opt = torch.optim.AdamW(flat, lr=args.lr, weight_decay=args.weight_decay, **_torch_kw(device))
+    step = (lambda: _eager_step(params, opt, args.damping)) if name == "eager" else opt.step
+    return step, _regrad_setup(params, grads), params
+
+
+# -- accuracy: one step against a float64 step --------------------------------------------------------------
+def _fp64_inverse(gram: torch.Tensor, damping: float) -> torch.Tensor:
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    if damping == 0:
+        return torch.linalg.pinv(gram, hermitian=True)
+    return torch.linalg.solve(gram + damping * eye, eye)
+
+
+def fp64_step(A, B, gA, gB, args, adam: bool):
+    """One Jacobi step of the preconditioned AdamW (its first step: m_hat = g, sqrt(v_hat) = |g|) or SGD from
+    (A, B), in float64, per pair and in the textbook form."""
+    A, B, gA, gB = (t.detach().double() for t in (A, B, gA, gB))
+    pgA = _fp64_inverse(B.T @ B, args.damping) @ gA
+    pgB = gB @ _fp64_inverse(A @ A.T, args.damping)
+    lr = args.lr if adam else args.sgd_lr
+    out = []
+    for X, g in ((A, pgA), (B, pgB)):
+        update = g / (g.abs() + 1e-8) if adam else g
+        out.append(X * (1 - lr * args.weight_decay) - lr * update)
+    return out
+
+
+def step_errors(params, pairs, grads, args, adam: bool) -> tuple[float, float]:
+    """(max relative error of the parameters, max relative error of the step) over all factors."""
+    err = step_err = 0.0
+    for (A1, B1), (A0, B0), (gA, gB) in zip(params, pairs, grads):
+        refs = fp64_step(A0, B0, gA, gB, args, adam)
+        for got, ref, start in zip((A1, B1), refs, (A0, B0)):
+            diff = (got.detach().double() - ref).norm()
+            err = max(err, (diff / ref.norm().clamp_min(1e-300)).item())
+            step_err = max(step_err, (diff / (ref - start.double()).norm().clamp_min(1e-300)).item())
+    return err, step_err
 
 
 def max_rel_err(params, ref_params) -> float:
@@ -153,80 +229,127 @@ def max_rel_err(params, ref_params) -> float:
     return max(errs)
 
 
-def main(argv=None) -> dict:
+# -- timing ------------------------------------------------------------------------------------------------
+def timed_rounds(variants: dict, device: torch.device, warmup: int, iters: int) -> dict:
+    """{name: (wall ms list, cpu ms list)}: one step of every variant per round, interleaved."""
+    out = {name: ([], []) for name in variants}
+    for i in range(warmup + iters):
+        for name, (step, setup, _) in variants.items():
+            setup()
+            cpu0 = time.process_time()
+            ms = elapsed_ms(step, device)
+            cpu = (time.process_time() - cpu0) * 1e3
+            if i >= warmup:
+                out[name][0].append(ms)
+                out[name][1].append(cpu)
+    return out
+
+
+def run_size(size: str, shapes, device, dtype, names, args) -> tuple[dict, list[dict]]:
+    pairs = build_pairs(shapes, args.r, dtype, device)
+    grads = build_grads(pairs)
+    variants, rows = {}, {}
+    for name in names:  # build, one step from the start values (accuracy), keep for timing
+        built = build_variant(name, pairs, grads, args.r, device, args, args.order)
+        if built is None:
+            print(f"{name}: not installed, skipped", file=sys.stderr)
+            continue
+        step, setup, params = built
+        setup()
+        step()
+        rows[name] = {"size": size, "variant": name}
+        if args.order == "jacobi" and name not in ("adamw", "sgd"):
+            err, step_err = step_errors(params, pairs, grads, args, adam=name in ADAM_LIKE)
+            rows[name]["max_rel_err_vs_fp64"] = err
+            if name not in ADAM_LIKE:  # Adam's first step is sign-like: its size says nothing of P's precision
+                rows[name]["step_rel_err_vs_fp64"] = step_err
+        if name == "eager":
+            eager_after = [tuple(t.detach().clone() for t in pair) for pair in params]
+        variants[name] = built
+    if "eager" in variants:
+        for name, (_, _, params) in variants.items():
+            if name in ADAM_LIKE and name != "adamw":
+                rows[name]["max_rel_err_vs_eager"] = max_rel_err(params, eager_after)
+    times = timed_rounds(variants, device, args.warmup, args.iters)
+    for name, (wall, cpu) in times.items():
+        rows[name]["step_ms"] = statistics.median(wall)
+        rows[name]["cpu_ms"] = statistics.median(cpu) if device.type == "cpu" else None
+    _add_ratios(rows)
+    info = dict(size=size, pairs=len(pairs), adapter_params=sum(A.numel() + B.numel() for A, B in pairs))
+    del variants, pairs, grads
+    gc.collect()
+    return info, list(rows.values())
+
+
+def _add_ratios(rows: dict) -> None:
+    for floor, key in (("adamw", "ratio_vs_adamw"), ("sgd", "ratio_vs_sgd"), ("eager", "speedup_vs_eager")):
+        if floor not in rows:
+            continue
+        for row in rows.values():
+            if key == "speedup_vs_eager":
+                row[key] = rows[floor]["step_ms"] / row["step_ms"]
+            elif floor == "adamw" or row["variant"] in ("scaledgd", "sgd"):
+                row[key] = row["step_ms"] / rows[floor]["step_ms"]
+                if row.get("cpu_ms") is not None:
+                    row[key.replace("ratio", "cpu_ratio")] = row["cpu_ms"] / rows[floor]["cpu_ms"]
+
+
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--small", action="store_true", help=f"a quick CPU-sized setting: {SMALL}")
+    ap.add_argument("--sizes", help=f"comma-separated, of {SIZE_NAMES}; default 40m (small with --small)")
+    ap.add_argument("--small", action="store_true", help=f"the quick setting: {SMALL}")
     ap.add_argument("--layers", type=int)
     ap.add_argument("--hidden", type=int)
     ap.add_argument("--intermediate", type=int)
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lr", type=float, default=1e-4, help="of the Adam variants")
+    ap.add_argument("--sgd-lr", type=float, default=0.5, help="of scaledgd and sgd (ScaledGD's default)")
+    ap.add_argument("--weight-decay", type=float, default=0.0, help="the same for every variant")
     ap.add_argument("--damping", type=float, default=1e-6)
     ap.add_argument("--order", choices=["jacobi", "gauss-seidel"], default="jacobi")
-    ap.add_argument("--variants", default="adamw,lorakern,lk-torch,eager,peft")
+    ap.add_argument("--variants", default="adamw,lorakern,lk-torch,scaledgd,sgd,eager,peft")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
-    size = dict(SMALL) if args.small else dict(layers=32, hidden=4096, intermediate=11008)
-    size.update({k: getattr(args, k) for k in ("layers", "hidden", "intermediate") if getattr(args, k) is not None})
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    sizes = (args.sizes or ("small" if args.small else "40m")).split(",")
+    bad = [s for s in sizes if s not in SIZE_NAMES]
+    if bad:
+        ap.error(f"unknown size(s) {bad}; choose from {SIZE_NAMES}")
+    args.size_list = sizes
+    return args
 
-    shapes = adapter_shapes(**size)
-    pairs = build_pairs(shapes, args.r, dtype, device)
-    grads = build_grads(pairs)
-    n_params = sum(A.numel() + B.numel() for A, B in pairs)
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    overrides = {k: getattr(args, k) for k in ("layers", "hidden", "intermediate") if getattr(args, k) is not None}
     names = [v for v in args.variants.split(",") if v]
     if device.type != "cuda" and "lk-torch" in names:
         names.remove("lk-torch")  # on the CPU "lorakern" already is the torch engine
-
-    # correctness: one step of each variant from the same values, against the eager form
-    after_one = {}
-    for name in names:
-        built = build_variant(name, pairs, grads, args.r, device, args.lr, args.damping, "jacobi")
-        if built is None:
-            continue
-        step, setup, params = built
-        setup()
-        step()
-        after_one[name] = [tuple(t.detach().clone() for t in pair) for pair in params]
-        del built, step, setup, params
-        gc.collect()
-
-    results = []
-    for name in names:
-        built = build_variant(name, pairs, grads, args.r, device, args.lr, args.damping, args.order)
-        if built is None:
-            print(f"{name}: not installed, skipped", file=sys.stderr)
-            continue
-        step, setup, _ = built
-        ms = timed(step, setup, device, args.warmup, args.iters)
-        row = {"variant": name, "step_ms": ms}
-        if "eager" in after_one and name in after_one:
-            row["max_rel_err_vs_eager"] = max_rel_err(after_one[name], after_one["eager"])
-        results.append(row)
-        del built, step, setup
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    lk.set_backend("auto")
-    base = next((r["step_ms"] for r in results if r["variant"] == "adamw"), None)
-    eager = next((r["step_ms"] for r in results if r["variant"] == "eager"), None)
-    for row in results:
-        row["ratio_vs_adamw"] = row["step_ms"] / base if base else None
-        row["speedup_vs_eager"] = eager / row["step_ms"] if eager else None
-
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    config = dict(size, r=args.r, dtype=args.dtype, pairs=len(pairs), adapter_params=n_params, lr=args.lr,
-                  damping=args.damping, order=args.order, device=device_name, threads=torch.get_num_threads(),
-                  warmup=args.warmup, iters=args.iters, torch=torch.__version__)
-    print(f"{len(pairs)} pairs, {n_params / 1e6:.2f}M adapter params, r={args.r}, {args.dtype}, "
-          f"order={args.order}, {device_name}")
-    print_table(results, [("variant", "variant", "", 10), ("step ms", "step_ms", ".3f", 10),
-                          ("x adamw", "ratio_vs_adamw", ".2f", 9), ("eager/x", "speedup_vs_eager", ".2f", 9),
-                          ("err vs eager", "max_rel_err_vs_eager", ".1e", 13)])
+    config = dict(r=args.r, dtype=args.dtype, lr=args.lr, weight_decay=args.weight_decay, damping=args.damping,
+                  order=args.order, device=device_name, threads=torch.get_num_threads(),
+                  omp_num_threads=os.environ.get("OMP_NUM_THREADS"), warmup=args.warmup, iters=args.iters,
+                  torch=torch.__version__, sizes=[])
+    results = []
+    for size in args.size_list:
+        info, rows = run_size(size, size_shapes(size, overrides), device, dtype, names, args)
+        config["sizes"].append(info)
+        results += rows
+        print(f"{size}: {info['pairs']} pairs, {info['adapter_params'] / 1e6:.2f}M adapter params, r={args.r}, "
+              f"{args.dtype}, order={args.order}, {device_name}, {torch.get_num_threads()} threads")
+        print_table(rows, [("variant", "variant", "", 9), ("step ms", "step_ms", ".3f", 10),
+                           ("x adamw", "ratio_vs_adamw", ".2f", 8), ("x sgd", "ratio_vs_sgd", ".2f", 6),
+                           ("cpu x adamw", "cpu_ratio_vs_adamw", ".2f", 11),
+                           ("err vs fp64", "max_rel_err_vs_fp64", ".1e", 11),
+                           ("step err", "step_rel_err_vs_fp64", ".1e", 9),
+                           ("err vs eager", "max_rel_err_vs_eager", ".1e", 12)])
+    lk.set_backend("auto")
+    if len(config["sizes"]) == 1:
+        config.update(config["sizes"][0])
     return save_json(args.json, {"config": config, "results": results})
 
 

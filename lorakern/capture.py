@@ -1,8 +1,10 @@
 """Streaming capture of the one-step full fine-tuning gradient G = dL/dW of every LoRALinear base weight.
 
 A forward hook routes each layer's output through an identity autograd.Function (_Tap) that saves the
-layer's input x; its backward receives dY during the ordinary backward pass, and torch.ops.lorakern.capture_accumulate_ (csrc/capture.cpp) adds the product to an fp32
-accumulator: G itself (exact mode), G @ Omega (range pass) or Q^T G (co-range pass). The base weights never
+layer's input x; its backward receives dY during the ordinary backward pass and adds a product of the two
+to the layer's accumulators: G itself, G @ Omega (range pass) or Q^T G (co-range pass) through
+torch.ops.lorakern.capture_accumulate_, or the three sketches of the one-pass method (G Omega, Psi^T G,
+Phi^T G Theta) through torch.ops.lorakern.sketch_accumulate_ (csrc/capture.cpp). The base weights never
 require grad and no weight gradient is materialized; the model's own .grad fields and requires_grad flags
 are restored afterwards. Under torch.distributed the accumulators are summed across ranks after each pass.
 """
@@ -28,19 +30,43 @@ def no_autocast(device: torch.device):
     return torch.autocast(device.type, enabled=False)
 
 
-def accumulate(acc: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, probe_in=None, probe_out=None) -> None:
-    """acc += dy^T x, dy^T (x probe_in) or (dy probe_out)^T x, computed in acc's dtype."""
+def accumulate(acc: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, probe_in=None, probe_out=None,
+               block: int = 4096) -> None:
+    """acc += dy^T x, dy^T (x probe_in) or (dy probe_out)^T x, computed in acc's dtype (x and dy converted a
+    block of rows at a time)."""
     with no_autocast(acc.device):
         if _backend._C is not None and _backend.get_backend() != "torch":
             torch.ops.lorakern.capture_accumulate_(acc, x, dy, probe_in, probe_out)
             return
-        x, dy = x.to(acc.dtype), dy.to(acc.dtype)
-        if probe_in is not None:
-            acc.addmm_(dy.t(), x @ probe_in)
-        elif probe_out is not None:
-            acc.addmm_((dy @ probe_out).t(), x)
+        for start in range(0, x.shape[0], block):
+            xb, db = x[start:start + block].to(acc.dtype), dy[start:start + block].to(acc.dtype)
+            if probe_in is not None:
+                acc.addmm_(db.t(), xb @ probe_in.to(acc.dtype))
+            elif probe_out is not None:
+                acc.addmm_((db @ probe_out.to(acc.dtype)).t(), xb)
+            else:
+                acc.addmm_(db.t(), xb)
+
+
+def _sketch_accumulate_torch(Y, W, Z, x, dy, omega, theta, psi, phi, block: int = 4096) -> None:
+    dt = Y.dtype
+    omega, theta, psi, phi = (t.to(dt) for t in (omega, theta, psi, phi))
+    for start in range(0, x.shape[0], block):
+        xb, db = x[start:start + block].to(dt), dy[start:start + block].to(dt)
+        x_th = xb @ theta
+        Y.addmm_(db.t(), xb @ omega)
+        W.addmm_((db @ psi).t(), xb)
+        Z.addmm_((db @ phi).t(), x_th)
+
+
+def sketch_accumulate(Y, W, Z, x, dy, omega, theta, psi, phi) -> None:
+    """Y += dy^T (x omega), W += (dy psi)^T x, Z += (dy phi)^T (x theta): the one-pass sketches of
+    G = dy^T x (Tropp et al. 2019), computed in Y's dtype without forming G."""
+    with no_autocast(Y.device):
+        if _backend._C is not None and _backend.get_backend() != "torch":
+            torch.ops.lorakern.sketch_accumulate_(Y, W, Z, x, dy, omega, theta, psi, phi)
         else:
-            acc.addmm_(dy.t(), x)
+            _sketch_accumulate_torch(Y, W, Z, x, dy, omega, theta, psi, phi)
 
 
 class _Switch:
@@ -53,12 +79,24 @@ class _Switch:
 
 
 class _LayerState:
-    __slots__ = ("acc", "probe_in", "probe_out", "hits", "switch")
+    """What a layer's tap adds to: `acc` (with an optional probe), or `sketch` = (Y, W, Z, omega, theta,
+    psi, phi) for the one-pass sketch. Neither set: the layer is not captured in this pass."""
+    __slots__ = ("acc", "probe_in", "probe_out", "sketch", "hits", "switch")
 
     def __init__(self, switch: _Switch):
-        self.acc = self.probe_in = self.probe_out = None
+        self.acc = self.probe_in = self.probe_out = self.sketch = None
         self.hits = 0
         self.switch = switch
+
+    @property
+    def active(self) -> bool:
+        return self.acc is not None or self.sketch is not None
+
+    def sums(self) -> list[torch.Tensor]:
+        """The accumulators the pass adds to."""
+        if self.sketch is not None:
+            return list(self.sketch[:3])
+        return [] if self.acc is None else [self.acc]
 
 
 class _Tap(torch.autograd.Function):
@@ -66,23 +104,31 @@ class _Tap(torch.autograd.Function):
 
     x goes through save_for_backward, so autograd's version check catches an in-place change of x after
     the forward, and activation checkpointing can drop and recompute it like any saved activation. The
-    output is a fresh tensor (not a view), so in-place ops after the layer (ReLU(inplace=True)) are fine.
+    output is y itself, marked as modified in place (no copy of the activation; a y that is a view, as
+    F.linear's output for 3-D input is, gets its history rebased like any in-place op on a view), so in-place
+    ops after the layer (ReLU(inplace=True)) are fine.
     """
 
     @staticmethod
-    def forward(ctx, y, x, state):
+    def forward(ctx, y, x, state, anchor):
         ctx.state = state
         ctx.save_for_backward(x)
-        return y.clone()
+        ctx.mark_dirty(y)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
         st = ctx.state
-        if st.acc is not None and st.switch.on:
-            accumulate(st.acc, x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]), st.probe_in, st.probe_out)
+        if st.active and st.switch.on:
+            x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+            if st.sketch is not None:
+                Y, W, Z, *probes = st.sketch
+                sketch_accumulate(Y, W, Z, x2, dy2, *probes)
+            else:
+                accumulate(st.acc, x2, dy2, st.probe_in, st.probe_out)
             st.hits += 1
-        return dy, None, None
+        return dy, None, None, None
 
 
 ONE_SHOT = "pass a list or a DataLoader"
@@ -141,9 +187,14 @@ class GradientCapture:
         self.switch = _Switch()
         self._own: set[int] | None = None
         self.states = {n: _LayerState(self.switch) for n in layers}
+        # what the all-reduce sums after a pass: None = every state's accumulators; spectral_init sets the
+        # stacked buffers its states are views of (one collective per buffer, not per layer)
+        self.reduce_tensors: list[torch.Tensor] | None = None
         self.n_batches = 0
+        self.max_abs: dict[str, float] = {}
         self.first_losses: list[float] | None = None
         self.device = next(iter(layers.values())).weight.device
+        self._anchor = torch.zeros((), device=self.device, requires_grad=True)  # see _session
 
     def prepare_exact(self, dtype=None) -> None:
         """Give every layer an (out, in) accumulator of G itself (fp32, or fp64 for fp64 layers)."""
@@ -155,22 +206,29 @@ class GradientCapture:
         state = self.states[name]
 
         def on_forward(module, args, kwargs, output):
-            if state.acc is None or not (torch.is_grad_enabled() and output.requires_grad):
+            if not state.active or not torch.is_grad_enabled():
                 return None
             x = args[0] if args else next(iter(kwargs.values()))
-            return _Tap.apply(output, x.detach(), state)
+            return _Tap.apply(output, x.detach(), state, self._anchor)
 
         return on_forward
 
     @contextlib.contextmanager
     def _session(self):
-        """Hooks on; gradients flow through the adapters; afterwards the user's grads, requires_grad flags,
-        buffers (e.g. BatchNorm running statistics) and RNG states are as they were."""
+        """Hooks on, no parameter gradients; afterwards the user's grads, requires_grad flags, buffers (e.g.
+        BatchNorm running statistics), RNG states and the layers' merged flags are as they were.
+
+        Every parameter is frozen for the passes: the taps' outputs require grad through `_anchor` (a leaf
+        that gets no gradient), so the backward reaches every tapped layer while autograd forms no weight or
+        adapter gradient. A LoRALinear whose adapter is exactly zero (A or B all zeros) and draws no dropout
+        mask runs as merged (its base alone: the same output, without the adapter's products)."""
         params = list(self.model.parameters())
         flags = [p.requires_grad for p in params]
         grads = [p.grad for p in params]
         buffers = [(b, b.clone()) for b in self.model.buffers()]
         cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        bypassed = [m for m in self.layers.values() if isinstance(m, LoRALinear) and not m.merged
+                    and not (m.dropout and m.training) and not (m.lora_A.any() and m.lora_B.any())]
         # prepend: the tap must see the layer's own output, before any user hook changes it
         handles = [m.register_forward_hook(self._hook(n), with_kwargs=True, prepend=True)
                    for n, m in self.layers.items()]
@@ -178,11 +236,13 @@ class GradientCapture:
             with torch.random.fork_rng(devices=cuda), torch.enable_grad():
                 for p in params:
                     p.grad = None
-                for m in self.layers.values():  # the backward must reach every layer's output
-                    m.lora_A.requires_grad_(True)
-                    m.lora_B.requires_grad_(True)
+                    p.requires_grad_(False)
+                for m in bypassed:
+                    m.merged = True
                 yield
         finally:
+            for m in bypassed:
+                m.merged = False
             for h in handles:
                 h.remove()
             for p, flag, g in zip(params, flags, grads):
@@ -196,7 +256,7 @@ class GradientCapture:
         """(leaf, its .grad, a copy of the .grad's values) for every leaf of loss's graph that is not a
         parameter of the model (leaves inside a reentrant checkpoint are not visible here)."""
         if self._own is None:  # the model's parameters do not change during a capture
-            self._own = {id(p) for p in self.model.parameters()}
+            self._own = {id(p) for p in self.model.parameters()} | {id(self._anchor)}
         own = self._own
         out, seen = [], set()
         todo = [loss.grad_fn] if loss.grad_fn is not None else []
@@ -254,9 +314,11 @@ class GradientCapture:
             n, differing_ranks = int(reduced[0]), int(reduced[1])
             for k, h in zip(names, reduced[2:]):
                 self.states[k].hits = int(h)
-            for s in self.states.values():
-                if s.acc is not None:
-                    dist.all_reduce(s.acc)
+            sums = self.reduce_tensors
+            if sums is None:
+                sums = [t for st in self.states.values() for t in st.sums()]
+            for t in sums:
+                dist.all_reduce(t)
         if n == 0 and self.first_losses:
             raise ValueError(f"batches gave no batch on a second pass after {len(self.first_losses)} on the first: "
                              f"it can be iterated only once, but the sketch needs several passes; {ONE_SHOT}")
@@ -284,16 +346,23 @@ class GradientCapture:
                                                or (math.isnan(a) and math.isnan(b)) for a, b in zip(ref, losses))
 
     def _check_finite(self) -> None:
-        for n, s in self.states.items():
-            if s.acc is not None and not bool(torch.isfinite(s.acc).all()):
-                raise FloatingPointError(f"spectral_init: the gradient of layer {n!r} contains NaN or Inf")
+        """Records each captured layer's largest |accumulator| (one reduction and one host sync for all
+        layers) and raises on the first layer holding NaN or Inf."""
+        names = [n for n, st in self.states.items() if st.active]
+        if not names:
+            self.max_abs = {}
+            return
+        peaks = torch.stack([torch.stack([torch.linalg.vector_norm(t, float("inf")).to(torch.float64)
+                                          for t in self.states[n].sums()]).max() for n in names])
+        self.max_abs = dict(zip(names, peaks.tolist()))
+        bad = [n for n, v in self.max_abs.items() if not math.isfinite(v)]
+        if bad:
+            raise FloatingPointError(f"spectral_init: the gradient of layer {bad[0]!r} contains NaN or Inf")
 
     def check_results(self) -> list[str]:
-        """Names of layers that got no gradient, or an exactly zero one (with a warning; they keep their
-        init); raises on NaN/Inf accumulators."""
-        self._check_finite()
-        missing = [n for n, s in self.states.items()
-                   if s.acc is not None and (s.hits == 0 or not bool(s.acc.any()))]
+        """Names of layers that got no gradient, or an exactly zero one, in the last pass (with a warning;
+        they keep their init). run_pass has already raised on NaN/Inf."""
+        missing = [n for n, peak in self.max_abs.items() if self.states[n].hits == 0 or peak == 0]
         if missing:
             warnings.warn(f"spectral_init: {len(missing)} LoRA layer(s) received no (or an exactly zero) gradient "
                           f"from loss_fn and keep their previous init: {missing[:5]}", RuntimeWarning, stacklevel=3)

@@ -111,3 +111,63 @@ def test_cmake_builds_the_same_extension(tmp_path):
     """)
     proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "ok False" in proc.stdout, proc.stderr[-3000:]
+
+
+# -- sketch_accumulate_ (csrc/capture.cpp): the one-pass sketches of G = dy^T x ---------------------------------
+def sketch_operands(M, in_f, out_f, k, s, l, dtype, adjacent=True, transposed=False):
+    g = torch.Generator().manual_seed(M + in_f)
+    if transposed:  # non-contiguous x and dy: transposes of (in, M), (out, M) tensors
+        x = torch.randn(in_f, M, generator=g).to(dtype).T
+        dy = torch.randn(out_f, M, generator=g).to(dtype).T
+    else:
+        x, dy = torch.randn(M, in_f, generator=g).to(dtype), torch.randn(M, out_f, generator=g).to(dtype)
+    if adjacent:  # [omega | theta] and [psi | phi] in one buffer each, as lorakern.spectral lays them out
+        pin, pout = torch.randn(in_f, k + s, generator=g), torch.randn(out_f, l + s, generator=g)
+        probes = (pin[:, :k], pin[:, k:], pout[:, :l], pout[:, l:])
+    else:
+        probes = (torch.randn(in_f, k, generator=g), torch.randn(s, in_f, generator=g).T,
+                  torch.randn(out_f, l, generator=g), torch.randn(out_f, s, generator=g))
+    return x, dy, probes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("adjacent, transposed", [(True, False), (False, False), (True, True)])
+@pytest.mark.parametrize("acc_dtype", [torch.float32, torch.float64])
+def test_sketch_accumulate_matches_float64(dtype, adjacent, transposed, acc_dtype):
+    M, in_f, out_f, k, s, l = 37, 23, 19, 5, 11, 6
+    x, dy, (om, th, ps, ph) = sketch_operands(M, in_f, out_f, k, s, l, dtype, adjacent, transposed)
+    Y, W, Z = (torch.full(shape, 0.25, dtype=acc_dtype) for shape in ((out_f, k), (l, in_f), (s, s)))
+    torch.ops.lorakern.sketch_accumulate_(Y, W, Z, x, dy, om, th, ps, ph)
+    G = dy.double().T @ x.double()  # the operands as given (bf16 values exactly), products in fp64
+    tol = 1e-12 if acc_dtype == torch.float64 else 1e-6
+    assert rel_err(Y, G @ om.double() + 0.25) < tol
+    assert rel_err(W, ps.double().T @ G + 0.25) < tol
+    assert rel_err(Z, ph.double().T @ G @ th.double() + 0.25) < tol
+
+
+def test_sketch_accumulate_torch_fallback_and_row_blocks_agree():
+    from lorakern.capture import _sketch_accumulate_torch
+    x, dy, probes = sketch_operands(300, 17, 13, 4, 9, 5, torch.bfloat16)
+    cpp = [torch.zeros(13, 4), torch.zeros(5, 17), torch.zeros(9, 9)]
+    ref = [t.clone() for t in cpp]
+    torch.ops.lorakern.sketch_accumulate_(*cpp, x, dy, *probes)
+    _sketch_accumulate_torch(*ref, x, dy, *probes, block=64)  # 300 rows in 5 blocks
+    assert all(rel_err(a, b) < 1e-6 for a, b in zip(cpp, ref))
+
+
+@pytest.mark.parametrize("change, exc, match", [
+    (dict(dy=torch.randn(8, 6)), ValueError, r"x \[7, 5\] and dy \[8, 6\] must have the same number of rows"),
+    (dict(omega=torch.randn(4, 3)), ValueError, r"omega \[4, 3\] and theta \[5, 4\] must have in = 5 rows"),
+    (dict(phi=torch.randn(6, 2)), ValueError, r"theta \[5, 4\] and phi \[6, 2\] must have the same number"),
+    (dict(Y=torch.zeros(6, 2)), ValueError, r"Y \[6, 2\] must be \(out, k\) = \(6, 3\)"),
+    (dict(W=torch.zeros(2, 5)), ValueError, r"W \[2, 5\] must be \(l, in\) = \(3, 5\)"),
+    (dict(Z=torch.zeros(3, 3)), ValueError, r"Z \[3, 3\] must be \(s, s\) = \(4, 4\)"),
+    (dict(x=torch.randn(7)), ValueError, "must be 2-D"),
+    (dict(Y=torch.zeros(6, 3, dtype=torch.bfloat16)), TypeError, "float32 or float64"),
+])
+def test_sketch_accumulate_rejects_bad_shapes(change, exc, match):
+    args = dict(Y=torch.zeros(6, 3), W=torch.zeros(3, 5), Z=torch.zeros(4, 4), x=torch.randn(7, 5),
+                dy=torch.randn(7, 6), omega=torch.randn(5, 3), theta=torch.randn(5, 4), psi=torch.randn(6, 3),
+                phi=torch.randn(6, 4)) | change
+    with pytest.raises(exc, match=match):
+        torch.ops.lorakern.sketch_accumulate_(*args.values())

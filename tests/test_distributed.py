@@ -153,6 +153,13 @@ def run_spectral_init_ddp(rank, _):
     return adapters(model)
 
 
+def run_spectral_init_onepass_ddp(rank, _):
+    model = make_model(zero_b=True)
+    res = lk.spectral_init(model, [rank_share(b, rank) for b in global_batches(4)], loss_fn, mode="onepass",
+                           sketch_size=6, progress=False, error_tol=float("inf"))
+    return adapters(model), res.errors
+
+
 def run_layout_mismatch(rank, case):
     """Rank 1 holds another LoRA layout; every rank must raise (none may hang in a collective)."""
     model = make_model(zero_b=True)
@@ -199,6 +206,7 @@ def run_data_differs_on_one_rank(rank, _):
 
 SCENARIOS = [(run_ddp, "padamw"), (run_ddp, "adamw"), (run_fsdp2, "adamw"), (run_fsdp2, "padamw"),
              (run_fsdp2_replicated_adapters, "padamw"), (run_spectral_init_ddp, ""),
+             (run_spectral_init_onepass_ddp, ""),
              (run_layout_mismatch, "no_layers"), (run_layout_mismatch, "merged"),
              (run_layout_mismatch, "capture_gradients"), (run_data_differs_on_one_rank, "")]
 
@@ -287,6 +295,21 @@ def test_spectral_init_under_ddp_gives_every_rank_the_same_adapters(ranks):
         assert B0.abs().max() > 0
         # same probes on every rank; per-rank sums all-reduced vs one sum: float64 rounding only
         assert rel_err(B0 @ A0, m.lora_B @ m.lora_A) < 1e-8, name
+
+
+def test_onepass_sketch_distributed_equals_single_process(ranks):
+    """The one-pass sketches are sums over the batch: per-rank sums all-reduced, the same probes on every rank
+    (seeded by layer position), so every rank gets the single process's init, error estimates included."""
+    per_rank = value(ranks, run_spectral_init_onepass_ddp, "")
+    single = make_model(zero_b=True)
+    res = lk.spectral_init(single, global_batches(4), loss_fn, mode="onepass", sketch_size=6, progress=False,
+                           error_tol=float("inf"))
+    assert set(res.modes.values()) == {"onepass"}
+    for name, m in lk.lora_modules(single).items():
+        (A0, B0), (A1, B1) = per_rank[0][0][name], per_rank[1][0][name]
+        assert torch.equal(A0, A1) and torch.equal(B0, B1), name
+        assert rel_err(B0 @ A0, m.lora_B @ m.lora_A) < 1e-8, name
+        assert per_rank[0][1][name] == pytest.approx(res.errors[name], rel=1e-6)
 
 
 @pytest.mark.parametrize("case", ["no_layers", "merged", "capture_gradients"])

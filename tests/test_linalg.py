@@ -1,9 +1,11 @@
-"""randomized_svd on matrices with known spectra, against the optimum and torch.svd_lowrank."""
+"""randomized_svd on matrices with known spectra, against the optimum and torch.svd_lowrank; top_svd, onepass_svd
+and orthonormalize batched over layers against per-matrix calls and float64."""
 import pytest
 import torch
 
 import lorakern as lk
 from lorakern.linalg import orthonormalize
+from conftest import rel_err
 
 
 def known(m, n, spectrum, dtype=torch.float64, seed=0):
@@ -73,3 +75,56 @@ def test_bad_arguments(kwargs, match):
         lk.linalg.randomized_svd(torch.randn(30, 20), **kwargs)
     with pytest.raises(TypeError, match="floating"):
         lk.linalg.randomized_svd(torch.ones(5, 5, dtype=torch.int32), 2)
+
+
+# -- batched over layers (lorakern.spectral decomposes each group of same-shape layers at once) ----------------
+def stack(m, n, count, rank=None, dtype=torch.float32):
+    spectra = [torch.logspace(0, -3, rank or min(m, n), dtype=torch.float64) * (i + 1) for i in range(count)]
+    return torch.stack([known(m, n, s, seed=i) for i, s in enumerate(spectra)]).to(dtype)
+
+
+@pytest.mark.parametrize("shape", [(40, 31), (31, 40)])
+def test_top_svd_batched_equals_per_matrix_and_float64_svd(shape):
+    G = stack(*shape, 3)
+    U, S, Vh = lk.linalg.top_svd(G, 5, chunk_bytes=4096)  # several fp64 column blocks
+    assert U.shape == (3, shape[0], 5) and S.shape == (3, 5) and Vh.shape == (3, 5, shape[1])
+    for i in range(3):
+        u, s, vh = lk.linalg.top_svd(G[i], 5)
+        ref_u, ref_s, ref_vh = torch.linalg.svd(G[i].double(), full_matrices=False)
+        assert torch.allclose(S[i], s) and rel_err(S[i], ref_s[:5]) < 1e-6
+        best = (ref_u[:, :5] * ref_s[:5]) @ ref_vh[:5]
+        assert rel_err((U[i] * S[i]) @ Vh[i], best) < 1e-6 and rel_err((u * s) @ vh, best) < 1e-6
+
+
+def test_top_svd_of_a_rank_deficient_matrix_falls_back_to_the_full_svd():
+    G = torch.cat([stack(30, 20, 1), stack(30, 20, 1, rank=2)])  # the second has rank 2 < 4
+    U, S, Vh = lk.linalg.top_svd(G, 4)
+    assert torch.isfinite(U).all() and torch.isfinite(Vh).all()
+    for i in range(2):  # orthonormal singular vectors, also for the zero singular values
+        assert (U[i].T @ U[i] - torch.eye(4)).abs().max() < 1e-5 and (Vh[i] @ Vh[i].T - torch.eye(4)).abs().max() < 1e-5
+    assert rel_err((U[1] * S[1]) @ Vh[1], G[1]) < 1e-5  # rank 2: the top 4 triplets hold all of it
+
+
+def test_onepass_svd_batched_equals_per_matrix_and_is_exact_within_the_sketch_rank():
+    G = stack(40, 31, 3, rank=6, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    k, s = 7, 15
+    f64 = dict(generator=g, dtype=torch.float64)
+    om, ps = torch.randn(3, 31, k, **f64), torch.randn(3, 40, k, **f64)
+    th, ph = torch.randn(3, 31, s, **f64), torch.randn(3, 40, s, **f64)
+    Y, W, Z = G @ om, ps.mT @ G, ph.mT @ G @ th
+    U, S, Vh = lk.linalg.onepass_svd(Y, W, Z, th, ph)
+    for i in range(3):
+        u, sv, vh = lk.linalg.onepass_svd(Y[i], W[i], Z[i], th[i], ph[i])
+        assert rel_err(S[i], sv) < 1e-12 and rel_err((u * sv) @ vh, (U[i] * S[i]) @ Vh[i]) < 1e-12
+        assert rel_err((U[i] * S[i]) @ Vh[i], G[i]) < 1e-10  # rank 6 <= k = 7: G itself
+
+
+def test_cholqr2_falls_back_only_for_the_failing_matrices_of_a_batch():
+    Y = torch.randn(3, 30, 4, dtype=torch.float64)
+    Y[1, :, 3] = Y[1, :, 0]  # singular Gram matrix in batch entry 1 only
+    Q = orthonormalize(Y, "cholqr2")
+    ref = torch.linalg.qr(Y).Q
+    eye = torch.eye(4, dtype=torch.float64)
+    assert (Q.mT @ Q - eye).abs().max() < 1e-10 and torch.equal(Q[1], ref[1])  # Householder for entry 1
+    assert all(rel_err(Q[i] @ (Q[i].T @ Y[i]), Y[i]) < 1e-10 for i in range(3))

@@ -212,6 +212,37 @@ def test_plain_group_follows_bias_correction(bias_correction):
 
 
 @pytest.mark.parametrize("cls", ["adamw", "sgd"])
+def test_plain_group_of_mixed_dtypes_and_layouts(cls):
+    """Other trainable parameters of fp32, fp64, a non-contiguous fp32 and bf16 in one plain group: each is
+    updated as torch.optim.AdamW / SGD would (fused AdamW runs once per device and dtype)."""
+    g = torch.Generator().manual_seed(0)
+    net = nn.Module()
+    net.blocks = nn.ModuleList(make_layers(torch.float32, shapes=[(23, 19, 3)]))
+    values = {"w32": torch.randn(5, 7, generator=g), "w64": torch.randn(6, generator=g, dtype=torch.float64),
+              "wt": torch.randn(7, 5, generator=g).t(), "w16": torch.randn(9, generator=g).bfloat16()}
+    for name, v in values.items():
+        setattr(net, name, nn.Parameter(v.clone()))
+    assert not net.wt.is_contiguous()
+    kw = dict(lr=1e-2, weight_decay=0.1)
+    opt = (lk.optim.PreconditionedAdamW if cls == "adamw" else lk.optim.ScaledGD)(net, **kw)
+    twins = {n: nn.Parameter(v.double()) for n, v in values.items()}  # float64 references
+    ref = (torch.optim.AdamW(twins.values(), foreach=False, **kw) if cls == "adamw"
+           else torch.optim.SGD(twins.values(), **kw))
+    for _ in range(3):
+        for n, twin in twins.items():
+            grad = torch.randn(twin.shape, generator=g, dtype=torch.float64)
+            getattr(net, n).grad = grad.to(values[n].dtype)
+            twin.grad = grad.to(values[n].dtype).double()
+        opt.step()
+        ref.step()
+    for n, twin in twins.items():
+        p = getattr(net, n)
+        assert p.dtype == values[n].dtype
+        tol = {torch.float32: 1e-6, torch.float64: 1e-12, torch.bfloat16: TOL[torch.bfloat16]}[p.dtype]
+        assert rel_err(p, twin) < tol, n
+
+
+@pytest.mark.parametrize("cls", ["adamw", "sgd"])
 def test_plain_group_reads_fp32_gradients_without_copying(cls, monkeypatch):
     from lorakern.optim import torch_engine
     net = _NetWithGain(torch.float32)
@@ -220,9 +251,9 @@ def test_plain_group_reads_fp32_gradients_without_copying(cls, monkeypatch):
     for name in ("adamw_update_", "sgd_update_"):
         real = getattr(torch_engine, name)
 
-        def spy(first, grads, hyper, _real=real):
+        def spy(first, grads, hyper, *rest, _real=real):
             seen.append(grads)
-            return _real(first, grads, hyper)
+            return _real(first, grads, hyper, *rest)
         monkeypatch.setattr(torch_engine, name, spy)
     net.gain.grad = torch.randn(7)
     grad = net.gain.grad.clone()
@@ -567,6 +598,134 @@ def test_user_gradients_are_not_modified():
     lk.optim.PreconditionedAdamW(layers, lr=1e-2).step()
     after = [l.lora_A.grad for l in layers] + [l.lora_B.grad for l in layers]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+# -- the torch engine's layout: stacked chunks, factored products, fused AdamW ----------------------------------
+# (in, out, r): four ranks (four buckets), repeated shapes (stacks of several factors), odd sizes
+BUCKET_SHAPES = [(45, 37, 16), (45, 37, 16), (23, 19, 3), (37, 45, 16), (23, 19, 3), (50, 33, 1), (70, 90, 40),
+                 (45, 37, 16), (23, 29, 3)]
+
+
+@pytest.mark.parametrize("chunk_elems", [1 << 17, 700], ids=["one-stack-per-shape", "several-stacks"])
+@pytest.mark.parametrize("order", ["jacobi", "gauss-seidel"])
+@pytest.mark.parametrize("method", ["adamw", "scaledgd"])
+def test_fp32_steps_agree_with_the_float64_reference(chunk_elems, order, method, monkeypatch):
+    """fp32 adapters (Grams and solves in float64, products P grad in fp32 through P's factor W): within 1e-6
+    of the float64 steps at four ranks, with one stack per shape or several (700 elements: some factors are a
+    stack by themselves, others share one)."""
+    from lorakern.optim import torch_engine
+    monkeypatch.setattr(torch_engine, "CHUNK_ELEMS", chunk_elems)
+    layers = make_layers(torch.float32, shapes=BUCKET_SHAPES, seed=4)
+    if method == "adamw":
+        cls, kw = lk.optim.PreconditionedAdamW, dict(lr=1e-2, damping=1e-4, weight_decay=0.05)
+    else:
+        cls, kw = lk.optim.ScaledGD, dict(lr=0.2, damping=0.0, weight_decay=0.05)
+    kw["order"] = order
+    opt = cls(layers, **kw)
+    ref = RefPreconditioned([(l.lora_A, l.lora_B) for l in layers], adam=method == "adamw", **kw)
+    for grads in random_grads(layers, 3, seed=2):
+        grads = [(gA.float().double(), gB.float().double()) for gA, gB in grads]  # what the fp32 factors see
+        set_grads(layers, grads)
+        opt.step()
+        ref.step(grads)
+        assert max_pair_err(layers, ref) < 1e-6
+
+
+@pytest.mark.parametrize("method", ["adamw", "scaledgd"])
+def test_bf16_step_is_the_float64_step_rounded_once(method, monkeypatch):
+    """bf16 adapters are updated in fp32 and rounded once: each entry is within one bf16 ulp of the float64
+    step from the same (bf16) values, several stacks and buckets included."""
+    from lorakern.optim import torch_engine
+    monkeypatch.setattr(torch_engine, "CHUNK_ELEMS", 700)
+    layers = make_layers(torch.float32, shapes=BUCKET_SHAPES, seed=5)
+    for l in layers:
+        l.lora_A.data, l.lora_B.data = l.lora_A.data.bfloat16(), l.lora_B.data.bfloat16()
+    kw = dict(lr=1e-2, damping=1e-4, weight_decay=0.05) if method == "adamw" else dict(lr=0.2, damping=1e-4)
+    opt = (lk.optim.PreconditionedAdamW if method == "adamw" else lk.optim.ScaledGD)(layers, **kw)
+    ref = RefPreconditioned([(l.lora_A, l.lora_B) for l in layers], adam=method == "adamw", **kw)
+    grads = [(gA.bfloat16().double(), gB.bfloat16().double()) for gA, gB in random_grads(layers, 1, seed=6)[0]]
+    set_grads(layers, grads)
+    opt.step()
+    ref.step(grads)
+    for l, (A, B) in zip(layers, ref.pairs):
+        for got, want in ((l.lora_A, A), (l.lora_B, B)):
+            assert got.dtype == torch.bfloat16
+            ulp = 2.0 ** (torch.floor(torch.log2(want.abs().clamp_min(1e-30))) - 7)
+            assert ((got.double() - want).abs() <= ulp).all()
+
+
+@pytest.mark.parametrize("method", ["adamw", "scaledgd"])
+def test_non_contiguous_factors_follow_the_float64_reference(method):
+    """Column-major factors (e.g. a transposed checkpoint) are updated through contiguous copies for the fused
+    kernel and written back in place."""
+    layers = make_layers(seed=7)
+    for l, name in zip(layers, ("lora_A", "lora_B", "lora_A")):
+        t = getattr(l, name).detach()
+        setattr(l, name, nn.Parameter(t.t().contiguous().t()))
+        assert not getattr(l, name).is_contiguous() or min(t.shape) == 1
+    kw = dict(lr=1e-2, damping=1e-3, weight_decay=0.05) if method == "adamw" else dict(lr=0.2, damping=1e-3)
+    opt = (lk.optim.PreconditionedAdamW if method == "adamw" else lk.optim.ScaledGD)(layers, **kw)
+    ref = RefPreconditioned([(l.lora_A, l.lora_B) for l in layers], adam=method == "adamw", **kw)
+    for grads in random_grads(layers, 2, seed=8):
+        set_grads(layers, grads)
+        opt.step()
+        ref.step(grads)
+        assert max_pair_err(layers, ref) < 1e-12
+
+
+def test_plan_chunks_groups_shapes_into_near_equal_stacks():
+    from lorakern.optim.torch_engine import plan_chunks
+    shapes = [(3, 10)] * 7 + [(5, 4)] + [(3, 10)] * 2 + [(200, 3)]
+    chunks = plan_chunks(tuple(shapes), torch.device("cpu"), limit=100)
+    covered = sorted(i for c in chunks for i in c.positions)
+    assert covered == list(range(len(shapes)))  # every factor once
+    by_shape = {}
+    for c in chunks:
+        assert all(shapes[i] == c.shape for i in c.positions)
+        assert torch.equal(c.index, torch.tensor(c.positions))
+        assert list(c.pick(list(range(100, 100 + len(shapes))))) == [100 + i for i in c.positions]
+        by_shape.setdefault(c.shape, []).append(len(c.positions))
+    assert by_shape == {(3, 10): [3, 3, 3], (5, 4): [1], (200, 3): [1]}  # 9 of 30 elements: 3 stacks of 3
+
+
+def test_scratch_buffers_survive_growth_and_interleaved_optimizers(monkeypatch):
+    """Two optimizers of different sizes share the engine's scratch: the larger one grows the buffers (the
+    smaller one's cached stacks are dropped), and both still follow their float64 references."""
+    from lorakern.optim import torch_engine
+    monkeypatch.setattr(torch_engine, "CHUNK_ELEMS", 64)  # the scratch starts small and must grow
+    small = make_layers(shapes=[(23, 19, 3)] * 2, seed=1)
+    large = make_layers(shapes=[(70, 90, 40), (45, 37, 16)], seed=2)
+    kw = dict(lr=1e-2, damping=1e-3)
+    opts = [lk.optim.PreconditionedAdamW(small, **kw), lk.optim.PreconditionedAdamW(large, **kw)]
+    refs = [RefPreconditioned([(l.lora_A, l.lora_B) for l in ls], **kw) for ls in (small, large)]
+    steps = [random_grads(small, 2, seed=3), random_grads(large, 2, seed=4)]
+    for t in range(2):
+        for layers, opt, ref, grads in zip((small, large), opts, refs, steps):
+            set_grads(layers, grads[t])
+            opt.step()
+            ref.step(grads[t])
+            assert max_pair_err(layers, ref) < 1e-12
+
+
+@pytest.mark.parametrize("damping", [0.0, 1e-3])
+@pytest.mark.parametrize("normalize", [None, "fro"])
+def test_damped_inverses_factor_form(damping, normalize):
+    """factors=True gives W with W W^T = P for every stack (ranks padded together, a singular Gram included);
+    the fp32 products the torch engine does with it are as accurate as float64 ones (test above)."""
+    g = torch.Generator().manual_seed(1)
+    stacks = []
+    for n, r in ((2, 3), (1, 16), (3, 1), (2, 5)):
+        X = torch.randn(n, 20, r, generator=g, dtype=torch.float64)
+        stacks.append(X.mT @ X)
+    D = torch.diag(torch.tensor([1.0, 1, 1, 0, 0], dtype=torch.float64))
+    stacks[3][0] = D @ stacks[3][0] @ D
+    Ps = preconditioner.damped_inverses(stacks, damping, normalize)
+    Ws = preconditioner.damped_inverses(stacks, damping, normalize, factors=[True, True, False, True])
+    for i, (P, W) in enumerate(zip(Ps, Ws)):
+        assert W.shape == P.shape and W.is_contiguous()
+        assert rel_err(W if i == 2 else W @ W.mT, P) < 1e-10
+    single = preconditioner.damped_inverse(stacks[1], damping, normalize, factor=True)
+    assert rel_err(single @ single.mT, Ps[1]) < 1e-10
 
 
 # -- torch.optim.Optimizer semantics ----------------------------------------------------------------------------

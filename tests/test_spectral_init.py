@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import lorakern as lk
+from lorakern import spectral
 from lorakern.capture import accumulate
 from conftest import rel_err
 
@@ -397,7 +398,7 @@ def test_one_shot_iterable_that_looks_reiterable():
             return self.it
 
     with pytest.raises(ValueError, match="iterated only once.*pass a list or a DataLoader"):
-        lk.spectral_init(make_model(), Once(make_batches()), loss_fn, progress=False)
+        lk.spectral_init(make_model(), Once(make_batches()), loss_fn, mode="sketch", progress=False)
 
 
 def test_nan_loss_with_finite_gradient_is_the_same_data():
@@ -484,3 +485,148 @@ def test_an_offset_undone_exactly_leaves_no_record():
     layer = lk.LoRALinear(10, 8, r=2, init="pissa")
     layer.record_base_offset(layer.lora_A, -layer.lora_B)
     assert layer.base_offset_A is None and layer.base_offset_B is None
+
+
+# -- issue 14: modes auto / onepass, the memory budget, the error estimate ----------------------------------------
+def known_gradient_layer(spectrum, out_f=50, in_f=60, r=3, seed=0):
+    """A LoRALinear whose loss has the gradient G (out, in) = U diag(spectrum) V^T exactly: the batch is the
+    identity, the loss sum(y * G^T)."""
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(out_f, len(spectrum), generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(in_f, len(spectrum), generator=g, dtype=torch.float64))
+    G = (U * torch.as_tensor(spectrum, dtype=torch.float64)) @ V.T
+    torch.manual_seed(seed)
+    layer = nn.Sequential(lk.LoRALinear(in_f, out_f, r=r).double())
+    batches = [(torch.eye(in_f, dtype=torch.float64), G.T.contiguous())]
+    return layer, batches, lambda m, b: (m(b[0]) * b[1]).sum()
+
+
+def ga_delta_error(m, e):
+    """LoRA-GA's B A pairs single singular vectors: compare with each row of A / column of B sign-matched."""
+    A = m.lora_A * torch.sign((m.lora_A * e.lora_A).sum(1, keepdim=True))
+    B = m.lora_B * torch.sign((m.lora_B * e.lora_B).sum(0, keepdim=True))
+    return rel_err(B @ A, e.lora_B @ e.lora_A)
+
+
+@pytest.mark.parametrize("method", ["lora-one", "lora-ga"])
+def test_onepass_equals_exact_when_the_gradient_fits_the_sketch(method):
+    model, exact = make_model(torch.float64), make_model(torch.float64)
+    batches = [make_batches(1, dtype=torch.float64)[0]]  # 9 rows: rank(G) <= 9 <= every sketch size k
+    lk.spectral_init(exact, batches, loss_fn, method=method, mode="exact", progress=False)
+    res = lk.spectral_init(model, batches, loss_fn, method=method, mode="onepass", sketch_size=9, progress=False)
+    assert set(res.modes.values()) == {"onepass"} and res.passes == 1
+    for n, m in lk.lora_modules(model).items():
+        e = lk.lora_modules(exact)[n]
+        err = rel_err(m.delta_weight(), e.delta_weight()) if method == "lora-one" else ga_delta_error(m, e)
+        assert err < 1e-8, (n, err)
+        assert res.errors[n] < 1e-8
+
+
+@pytest.mark.parametrize("method, spectrum", [
+    ("lora-one", [10 * 0.8 ** i for i in range(40)]),
+    ("lora-one", [5.0, 4.0, 3.0] + [0.5] * 30),
+    ("lora-ga", [10 * 0.7 ** i for i in range(40)]),
+])
+@pytest.mark.parametrize("mode", ["onepass", "sketch"])
+def test_error_estimate_is_within_2x_of_the_true_error(method, spectrum, mode):
+    ratios = []
+    for seed in range(3):
+        layer, batches, loss = known_gradient_layer(spectrum, seed=seed)
+        exact = copy.deepcopy(layer)
+        lk.spectral_init(exact, batches, loss, method=method, mode="exact", progress=False)
+        kw = dict(sketch_size=10) if mode == "onepass" else dict(oversample=3, n_iter=0)
+        res = lk.spectral_init(layer, batches, loss, method=method, mode=mode, progress=False, seed=seed,
+                               error_tol=float("inf"), **kw)
+        m, e = layer[0], exact[0]
+        true = rel_err(m.delta_weight(), e.delta_weight()) if method == "lora-one" else ga_delta_error(m, e)
+        assert true > 1e-3  # a real sketch error, not rounding
+        ratios.append(res.errors["0"] / true)
+    assert all(0.5 <= x <= 2.0 for x in ratios), ratios
+
+
+def test_auto_captures_g_within_the_budget_and_sketches_the_rest():
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(lk.LoRALinear(200, 150, r=2), nn.Tanh(), lk.LoRALinear(150, 10, r=2))
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(30, 200, generator=g), torch.randn(30, 10, generator=g)) for _ in range(2)]
+    exact = model()
+    lk.spectral_init(exact, batches, loss_fn, mode="exact", progress=False)
+    auto = model()
+    res = lk.spectral_init(auto, batches, loss_fn, progress=False)  # default: auto, ample budget
+    assert res.modes == {"0": "rsvd", "2": "rsvd"} and res.passes == 1
+    assert res.buffer_bytes == (150 * 200 + 10 * 150 + (350 + 160) * spectral.ERROR_PROBES) * 4
+    for n, m in lk.lora_modules(auto).items():  # G captured: randomized SVD within RSVD_TOL, or the exact one
+        assert res.errors[n] <= spectral.RSVD_TOL
+        assert rel_err(m.delta_weight(), lk.lora_modules(exact)[n].delta_weight()) < 2 * spectral.RSVD_TOL + 1e-5
+    # 100 kB: G of layer 0 (120 kB) does not fit, its one-pass sketch (81 kB) does; layer 2's G (6 kB) is
+    # smaller than its sketch, so it stays captured
+    tight = lk.spectral_init(model(), batches, loss_fn, memory_budget=100_000, progress=False,
+                             error_tol=float("inf"))
+    assert tight.modes == {"0": "onepass", "2": "rsvd"} and tight.buffer_bytes <= 100_000 and tight.passes == 1
+    assert tight.errors["0"] > 0
+
+
+def test_auto_falls_back_to_the_exact_svd_where_the_randomized_one_is_not_accurate():
+    """lora-ga on a (4, 8) layer with r = 2 needs all 4 singular vectors: the randomized SVD has no
+    oversampling room (q = 4), its estimate is not within RSVD_TOL and the exact SVD takes over."""
+    torch.manual_seed(0)
+    model, exact = nn.Sequential(lk.LoRALinear(8, 4, r=2)), nn.Sequential(lk.LoRALinear(8, 4, r=2))
+    exact.load_state_dict(model.state_dict())
+    batches = [(torch.randn(6, 8), torch.randn(6, 4))]
+    res = lk.spectral_init(model, batches, loss_fn, method="lora-ga", progress=False)
+    lk.spectral_init(exact, batches, loss_fn, method="lora-ga", mode="exact", progress=False)
+    assert res.modes == {"0": "rsvd"} and res.errors == {"0": 0.0}
+    assert ga_delta_error(model[0], exact[0]) < 1e-6
+
+
+def test_a_budget_too_small_for_any_mode_raises_before_any_pass():
+    calls = []
+    counting = lambda m, b: (calls.append(1), loss_fn(m, b))[1]  # noqa: E731
+    for mode in ("auto", "exact", "onepass", "sketch"):
+        with pytest.raises(ValueError, match=r"memory_budget=100 bytes is too small: mode='%s' needs \d+ bytes" % mode):
+            lk.spectral_init(make_model(), make_batches(), counting, mode=mode, memory_budget=100, progress=False)
+    assert not calls
+
+
+def test_sketch_error_above_tolerance_warns_naming_layers_and_error():
+    layer, batches, loss = known_gradient_layer([10 * 0.9 ** i for i in range(40)])
+    with pytest.warns(RuntimeWarning, match=r"exceeds error_tol=0.01 on 1 sketched layer\(s\): 0 \([\d.]+, onepass\)"):
+        res = lk.spectral_init(layer, batches, loss, mode="onepass", sketch_size=4, error_tol=0.01, progress=False)
+    assert res.errors["0"] > 0.01
+
+
+def test_bad_mode_and_options_name_the_valid_values():
+    with pytest.raises(ValueError, match=r"mode must be one of \('auto', 'exact', 'onepass', 'sketch'\), got 'fast'"):
+        lk.spectral_init(make_model(), make_batches(), loss_fn, mode="fast")
+    for kw, name in ((dict(memory_budget=0), "memory_budget"), (dict(sketch_size=1.5), "sketch_size"),
+                     (dict(error_tol=-1), "error_tol")):
+        with pytest.raises(ValueError, match=name):
+            lk.spectral_init(make_model(), make_batches(), loss_fn, **kw)
+
+
+def test_onepass_on_a_bf16_model_matches_fp64_sketch_products():
+    """bf16 activations go through the sketch without an fp32 copy of x or dY and still give the init of
+    the bf16 model's gradient (to bf16 accuracy of the model itself)."""
+    model = make_model(torch.bfloat16).eval()
+    twin = copy.deepcopy(model)
+    batches = make_batches(dtype=torch.bfloat16)
+    lk.spectral_init(twin, batches, loss_fn, mode="exact", progress=False)
+    lk.spectral_init(model, batches, loss_fn, mode="onepass", sketch_size=20, progress=False, error_tol=1.0)
+    for n, m in lk.lora_modules(model).items():
+        assert rel_err(m.delta_weight(), lk.lora_modules(twin)[n].delta_weight()) < 5e-2, n
+
+
+def test_in_place_ops_after_a_layer_on_3d_input():
+    """F.linear's output for a 3-D input is a view; the tap hands it on without a copy, and an in-place op
+    after the layer still leaves the captured gradient exact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 16), nn.ReLU(inplace=True), nn.Linear(16, 7)).double()
+    lk.apply_lora(model, r=2, exclude=())
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(3, 5, 20, generator=g, dtype=torch.float64),
+                torch.randn(3, 5, 7, generator=g, dtype=torch.float64)) for _ in range(2)]
+    G = lk.capture_gradients(model, batches, loss_fn)
+    ref = autograd_weight_grads(model, batches)
+    assert sorted(G) == ["0", "2"] and all(rel_err(G[n], ref[n]) < 1e-12 for n in G)

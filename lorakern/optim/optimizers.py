@@ -22,10 +22,12 @@ Gradients: a factor whose .grad is None is skipped for that step (no moment upda
 does not advance), as torch.optim does; its partner is still preconditioned by the skipped factor's current
 value (so a frozen lora_A, LoRA-FA style, still preconditions lora_B). The caller's .grad tensors are read,
 never modified (nor copied when they are already fp32/fp64, for the plain group). Optimizer state (exp_avg,
-exp_avg_sq) is fp32 for fp32/bf16/fp16 adapters (fp64 for fp64); "step" is a Python int per factor. The Grams,
-the r x r solves and the products P grad are float64 (preconditioner.py); the element-wise update is fp32 (fp64
-for fp64 adapters). bf16 adapters are updated in fp32 and rounded once per step (no fp32 master copy: updates
-below half a bf16 ulp are lost, as with any bf16 param).
+exp_avg_sq) is fp32 for fp32/bf16/fp16 adapters (fp64 for fp64); "step" is a Python int per factor. The Grams
+and the r x r solves are float64; the products P grad are float64 in the fused kernel and, in the torch engine,
+two fp32 products with a factor W of P (P = W W^T), as accurate (preconditioner.py); the element-wise update is
+fp32 (fp64 for fp64 adapters): torch's fused AdamW kernel in the torch engine. bf16 adapters are updated in
+fp32 and rounded once per step (no fp32 master copy: updates below half a bf16 ulp are lost, as with any bf16
+param).
 
 Hyperparameters are validated at construction, in add_param_group and load_state_dict, and again (cheaply,
 before anything is modified) at every step(), so a value set in param_groups later (e.g. order="gs") raises
@@ -39,7 +41,9 @@ and state_dict() holds them as plain tensors. Two all-gathers per factor per ste
 the adapters in ignored_params (replicated, grads all-reduced) avoids them.
 Backend: where lorakern._backend.resolve(device) is "triton" (CUDA in "auto" mode; the CPU interpreter when
 forced) the pairs go through the fused kernels of precond_triton (imported on first use); elsewhere, and for
-fp64, r > 128 or non-contiguous factors, through torch_engine. All solves of a step on one device are one
+fp64, r > 128 or non-contiguous factors, through torch_engine (stacked per shape: a few launches per stack of
+factors, see its docstring; on the CPU a step costs 0.7-1.3x a torch.optim.AdamW(foreach=True) step,
+BENCHMARKS.md 2026-12-06). All solves of a step on one device are one
 batched call (damped_inverses), whatever the number of ranks. Host synchronisations per step and device: none
 with damping > 0; with damping == 0 one per solve (torch.linalg.eigh's error check): one per step for
 order="jacobi", two for "gauss-seidel" (B's solve needs the updated A's). The fused path's address tables are
@@ -158,6 +162,7 @@ class _PairOptimizer(torch.optim.Optimizer):
         if not self._adam:
             return batch
         beta1, beta2 = group["betas"]
+        batch.bias_correction = group["bias_correction"]
         for p in params:
             st = self.state[self._owner.get(p, p)]
             if "exp_avg" not in st:
@@ -166,6 +171,7 @@ class _PairOptimizer(torch.optim.Optimizer):
                 st["exp_avg_sq"] = torch.zeros_like(st["exp_avg"])
             st["step"] += 1
             t = st["step"]
+            batch.steps.append(t)
             batch.exp_avgs.append(st["exp_avg"])
             batch.exp_avg_sqs.append(st["exp_avg_sq"])
             if group["bias_correction"]:
@@ -333,7 +339,7 @@ class _PairOptimizer(torch.optim.Optimizer):
         for works in by_device.values():  # one batched solve per device and phase, whatever the ranks
             if group["order"] == "jacobi":  # both preconditioners from the factors before the step
                 grams = [w.engine.grams([B for _, B in w.a_pairs], [A for A, _ in w.b_pairs], w.r) for w in works]
-                Ps = damped_inverses(grams, damping, normalize, [w.dtype for w in works])
+                Ps = _solve(grams, damping, normalize, works)
                 for w, P in zip(works, Ps):
                     w.engine.update(w.a_batch, P[:len(w.a_pairs)], hyper)
                     w.engine.update(w.b_batch, P[len(w.a_pairs):], hyper)
@@ -344,9 +350,16 @@ class _PairOptimizer(torch.optim.Optimizer):
                         continue
                     grams = [w.engine.grams([B for _, B in w.a_pairs], [], w.r) if kind == "A"
                              else w.engine.grams([], [A for A, _ in w.b_pairs], w.r) for w in todo]
-                    Ps = damped_inverses(grams, damping, normalize, [w.dtype for w in todo])
+                    Ps = _solve(grams, damping, normalize, todo)
                     for w, P in zip(todo, Ps):
                         w.engine.update(w.a_batch if kind == "A" else w.b_batch, P, hyper)
+
+
+def _solve(grams: list[torch.Tensor], damping: float, normalize: str | None, works: list) -> list[torch.Tensor]:
+    """One batched solve for the buckets of a device: each in its engine's form (P, or W with P = W W^T where
+    the engine has wants_factor)."""
+    return damped_inverses(grams, damping, normalize, [w.dtype for w in works],
+                           [getattr(w.engine, "wants_factor", False) for w in works])
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:

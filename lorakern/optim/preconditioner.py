@@ -7,23 +7,29 @@ For a pair (A (r, in), B (out, r)) in the layout of API.md the optimizers precon
 of pairs, so the CPU reference and the fused Triton path share it; `damped_inverses` does several stacks of
 different ranks in one batched solve (zero-padded to the largest rank).
 
-Numerics (why each choice):
-- The Grams, the solves and the products P grad are float64 whatever the adapter dtype (GRAM_DTYPE; r <= 128
-  keeps this cheap). The condition number of a Gram is the square of the factor's: in fp32 a factor with
-  condition 1e3 already leaves ~1e-1 relative error in P, and applying an fp32-rounded P to the gradient
-  costs as much again. In fp64 the error of a step is the factor's own rounding level (~ cond(factor) u).
-- damping > 0: batched Cholesky; P = L^-T L^-1 from two batched triangular solves (an explicit r x r inverse,
-  because the fused kernel multiplies gradient tiles by it). A pair whose Cholesky fails (info != 0) or
-  whose inverse is not finite (damping below the rounding level of its Gram) is refactored with the damping
-  raised to sqrt(eps) trace(Gram) (`cholesky_shift`); both are computed for every pair and selected with
-  torch.where on the device, so this path never synchronises with the host.
+Numerics (why each choice; measured, BENCHMARKS.md 2026-12-06):
+- The Grams and the solves are float64 whatever the adapter dtype (GRAM_DTYPE; r <= 128 keeps this cheap).
+  The condition number of a Gram is the square of the factor's: in fp32 a factor with condition 1e3 already
+  leaves ~1e-1 relative error in P (fp32 Grams miss test_optim's one-step recovery by 63x its tolerance).
+- The product P grad: never with P rounded to fp32 (226x the recovery tolerance: P is as ill-conditioned as
+  the Gram). Either float64 (the fused Triton kernel, which takes P), or, with factor=True, through a
+  factor W with P = W W^T: W (W^T grad) in the adapters' work dtype (the torch engine), as accurate as the
+  float64 product (recovery at 0.20-0.25 of the tolerance, float64: 0.16-0.22) because W's columns carry
+  each eigen-direction at its own scale (W = L^-T, or V diag(w^-1/2)), so the rounding errors stay in the
+  directions they belong to. In fp64 the error of a step is the factor's own rounding level (~ cond(factor) u).
+- damping > 0: batched Cholesky; W = L^-T from one batched triangular solve, P = W W^T (an explicit r x r
+  inverse, because the fused kernel multiplies gradient tiles by it). A pair whose Cholesky fails (info != 0)
+  or whose inverse is not finite (damping below the rounding level of its Gram) is refactored with the
+  damping raised to sqrt(eps) trace(Gram) (`cholesky_shift`); both are computed for every pair and selected
+  with torch.where on the device, so this path never synchronises with the host.
 - damping == 0: the Moore-Penrose pseudo-inverse from a symmetric eigendecomposition, with eigenvalues at or
-  below `pinv_rtol * largest` treated as zero. A zero Gram (B = 0 at the standard LoRA init) gives P = 0, so
-  the other factor simply does not move; never Inf or NaN. torch.linalg.eigh synchronises a CUDA device
+  below `pinv_rtol * largest` treated as zero (W = V diag(w^-1/2), zero columns for those). A zero Gram
+  (B = 0 at the standard LoRA init) gives P = 0, so the other factor simply does not move; never Inf or NaN. torch.linalg.eigh synchronises a CUDA device
   with the host (its error check), which is why the optimizers batch all of a step's solves into one call.
 - Non-finite Grams (a NaN parameter) give NaN P's: the NaN shows up in the parameters instead of being hidden.
-- normalize="fro" (NoRA+, nystrom-init-nora.txt Alg. 2): P <- P / ||P||_F, so ||P||_2 <= 1 and the
-  preconditioned gradient is never larger than the raw one. A zero P stays zero.
+- normalize="fro" (NoRA+, nystrom-init-nora.txt Alg. 2): P <- P / ||P||_F (W <- W / sqrt(||P||_F)), so
+  ||P||_2 <= 1 and the preconditioned gradient is never larger than the raw one. A zero P stays zero.
+- Non-finite tests are on sums (of P's entries, of W's squares: trace(W W^T)), one reduction per matrix.
 """
 from __future__ import annotations
 
@@ -67,7 +73,10 @@ def cholesky_shift(dtype: torch.dtype) -> float:
 
 
 def _all_finite(mats: torch.Tensor) -> torch.Tensor:
-    return torch.isfinite(mats).flatten(1).all(dim=1)
+    """(n,) bool: matrix i has no NaN / Inf entry. Tested on the sums (a NaN or Inf entry makes its matrix's
+    sum non-finite; a sum of finite entries overflows only beyond ~1e305 a matrix, where the result would be
+    useless anyway): one reduction instead of an element-wise test, 10x cheaper for a batch of small P's."""
+    return torch.isfinite(mats.sum(dim=(-2, -1)))
 
 
 def pseudo_inverse(mats: torch.Tensor, rtol: float | torch.Tensor | None = None) -> torch.Tensor:
@@ -77,6 +86,13 @@ def pseudo_inverse(mats: torch.Tensor, rtol: float | torch.Tensor | None = None)
     Negative eigenvalues can only be rounding (the inputs are Grams plus a non-negative damping), so they are
     treated as zero like the tiny positive ones.
     """
+    W = pseudo_inverse_factor(mats, rtol)
+    return W @ W.mT
+
+
+def pseudo_inverse_factor(mats: torch.Tensor, rtol: float | torch.Tensor | None = None) -> torch.Tensor:
+    """W (n, r, r) with pseudo_inverse(mats) = W W^T: V diag(w^-1/2) over the eigenvalues above the cut-off,
+    columns in descending eigenvalue order (zero columns for the cut ones, last); NaN for non-finite inputs."""
     finite = _all_finite(mats)
     safe = torch.where(finite[:, None, None], mats, torch.zeros((), dtype=mats.dtype, device=mats.device))
     safe = 0.5 * (safe + safe.mT)  # eigh reads one triangle; symmetrize so both agree
@@ -86,9 +102,9 @@ def pseudo_inverse(mats: torch.Tensor, rtol: float | torch.Tensor | None = None)
     if isinstance(rtol, torch.Tensor):
         rtol = rtol.to(device=w.device, dtype=w.dtype)[:, None]
     cut = (rtol * w.amax(dim=-1, keepdim=True)).clamp_min(torch.finfo(mats.dtype).tiny)
-    inv_w = torch.where(w > cut, 1.0 / torch.where(w > cut, w, torch.ones_like(w)), torch.zeros_like(w))
-    P = (V * inv_w[:, None, :]) @ V.mT
-    return torch.where(finite[:, None, None], P, torch.full_like(P, float("nan")))
+    inv_sqrt = torch.where(w > cut, torch.where(w > cut, w, torch.ones_like(w)).rsqrt(), torch.zeros_like(w))
+    W = (V * inv_sqrt[:, None, :]).flip(-1)  # descending: a zero-padded block's own columns come first
+    return torch.where(finite[:, None, None], W, torch.full_like(W, float("nan")))
 
 
 def _check_grams(grams: torch.Tensor) -> None:
@@ -98,11 +114,12 @@ def _check_grams(grams: torch.Tensor) -> None:
         raise TypeError(f"grams must be float32 or float64 (compute the Grams in GRAM_DTYPE), got {grams.dtype}")
 
 
-def _inverse(grams: torch.Tensor, damping: float, rtol: float | torch.Tensor) -> torch.Tensor:
-    """(grams + damping I)^-1, or the pseudo-inverse of grams when damping is 0; no host synchronisation for
-    damping > 0 (about 20 small batched launches, whatever the number of pairs)."""
+def _inverse_factor(grams: torch.Tensor, damping: float, rtol: float | torch.Tensor) -> torch.Tensor:
+    """W with W W^T = (grams + damping I)^-1 (the pseudo-inverse of grams when damping is 0): L^-T from the
+    Cholesky factor L, or V diag(w^-1/2) from eigh. No host synchronisation for damping > 0 (about 20 small
+    batched launches, whatever the number of pairs)."""
     if damping == 0:
-        return pseudo_inverse(grams, rtol)
+        return pseudo_inverse_factor(grams, rtol)
     n = grams.shape[0]
     eye = torch.eye(grams.shape[-1], dtype=grams.dtype, device=grams.device)
     mats = grams + damping * eye
@@ -111,23 +128,30 @@ def _inverse(grams: torch.Tensor, damping: float, rtol: float | torch.Tensor) ->
     shift = cholesky_shift(grams.dtype) * torch.diagonal(grams, dim1=-2, dim2=-1).sum(-1)
     both = torch.cat([mats, mats + shift[:, None, None] * eye])
     L, info = torch.linalg.cholesky_ex(both)
-    L_inv = torch.linalg.solve_triangular(L, eye, upper=False)
-    P = L_inv.mT @ L_inv
-    ok = ((info == 0) & _all_finite(P))[:, None, None]
-    nan = torch.full((), float("nan"), dtype=P.dtype, device=P.device)  # non-finite Grams fail both
-    return torch.where(ok[:n], P[:n], torch.where(ok[n:], P[n:], nan))
+    W = torch.linalg.solve_triangular(L, eye, upper=False).mT  # L^-T: (L L^T)^-1 = L^-T L^-1
+    # trace(W W^T) = ||W||_F^2 bounds every entry of the inverse: finite iff the inverse is
+    ok = ((info == 0) & torch.isfinite((W * W).sum(dim=(-2, -1))))[:, None, None]
+    nan = torch.full((), float("nan"), dtype=W.dtype, device=W.device)  # non-finite Grams fail both
+    return torch.where(ok[:n], W[:n], torch.where(ok[n:], W[n:], nan))
 
 
-def _normalize(P: torch.Tensor, normalize: str | None) -> torch.Tensor:
+def _normalize_factor(W: torch.Tensor, normalize: str | None) -> torch.Tensor:
+    """W / sqrt(||W W^T||_F) for normalize="fro" (so that W W^T is P / ||P||_F); a zero W stays zero."""
     if normalize == "fro":
-        norms = torch.linalg.matrix_norm(P, ord="fro", keepdim=True)
-        P = P / torch.where(norms > 0, norms, torch.ones_like(norms))
-    return P
+        norms = torch.linalg.matrix_norm(W.mT @ W, ord="fro", keepdim=True)  # ||W^T W||_F = ||W W^T||_F
+        W = W / torch.where(norms > 0, norms, torch.ones_like(norms)).sqrt()
+    return W
+
+
+def _finish(W: torch.Tensor, normalize: str | None, factor: bool) -> torch.Tensor:
+    W = _normalize_factor(W, normalize)
+    return (W if factor else W @ W.mT).contiguous()
 
 
 def damped_inverse(grams: torch.Tensor, damping: float, normalize: str | None = None,
-                   factor_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """P = (grams + damping I)^-1 (pseudo-inverse when damping is 0), optionally divided by ||P||_F.
+                   factor_dtype: torch.dtype | None = None, factor: bool = False) -> torch.Tensor:
+    """P = (grams + damping I)^-1 (pseudo-inverse when damping is 0), optionally divided by ||P||_F; with
+    factor=True a W such that P = W W^T instead (see the module docstring: what the torch engine multiplies by).
 
     grams: (n, r, r) symmetric PSD, fp32 or fp64 (the optimizers pass fp64). factor_dtype: the dtype of the
     factors the Grams come from (sets the pseudo-inverse's cut-off, see pinv_rtol). Returns a new contiguous
@@ -139,27 +163,32 @@ def damped_inverse(grams: torch.Tensor, damping: float, normalize: str | None = 
         raise ValueError(f"normalize must be one of {NORMALIZE_CHOICES}, got {normalize!r}")
     if grams.shape[0] == 0:
         return grams.clone()
-    P = _inverse(grams, damping, pinv_rtol(grams.shape[-1], grams.dtype, factor_dtype))
-    return _normalize(P, normalize).contiguous()
+    W = _inverse_factor(grams, damping, pinv_rtol(grams.shape[-1], grams.dtype, factor_dtype))
+    return _finish(W, normalize, factor)
 
 
 def damped_inverses(grams_list: list[torch.Tensor], damping: float, normalize: str | None = None,
-                    factor_dtypes: list[torch.dtype | None] | None = None) -> list[torch.Tensor]:
-    """damped_inverse of several stacks on one device (their ranks may differ) in one batched solve.
+                    factor_dtypes: list[torch.dtype | None] | None = None,
+                    factors: list[bool] | None = None) -> list[torch.Tensor]:
+    """damped_inverse of several stacks on one device (their ranks may differ) in one batched solve;
+    factors[i] (default False): return stack i's W (P = W W^T) rather than its P.
 
     The stacks are zero-padded to the largest rank: a block-diagonal [[G, 0], [0, 0]] + damping I factors and
-    inverts block by block, and its pseudo-inverse is [[pinv(G), 0], [0, 0]] with the same cut-off (the
-    padding adds no eigenvalue above zero), so each result is the stack's own P. One call is one host
-    synchronisation at most (damping == 0 on CUDA), whatever the number of ranks.
+    inverts block by block (its L^-T is block-diagonal), and its pseudo-inverse is [[pinv(G), 0], [0, 0]] with
+    the same cut-off (the padding adds no eigenvalue above zero; W's columns are in descending eigenvalue
+    order, so the leading r x r block of W holds all of G's), so each result is the stack's own. One call is
+    one host synchronisation at most (damping == 0 on CUDA), whatever the number of ranks.
     """
     if factor_dtypes is None:
         factor_dtypes = [None] * len(grams_list)
+    if factors is None:
+        factors = [False] * len(grams_list)
     if normalize not in NORMALIZE_CHOICES:
         raise ValueError(f"normalize must be one of {NORMALIZE_CHOICES}, got {normalize!r}")
     for g in grams_list:
         _check_grams(g)
     if len(grams_list) == 1:
-        return [damped_inverse(grams_list[0], damping, normalize, factor_dtypes[0])]
+        return [damped_inverse(grams_list[0], damping, normalize, factor_dtypes[0], factors[0])]
     dtype = grams_list[0].dtype
     for g in grams_list[1:]:
         dtype = torch.promote_types(dtype, g.dtype)
@@ -182,9 +211,9 @@ def damped_inverses(grams_list: list[torch.Tensor], damping: float, normalize: s
         rtol = rtols[0]
     else:
         rtol = torch.cat([torch.full((c,), rt, dtype=dtype, device=device) for c, rt in zip(counts, rtols)])
-    P = _inverse(padded, damping, rtol)
+    W = _inverse_factor(padded, damping, rtol)
     out, off = [], 0
-    for g, c, r in zip(grams_list, counts, ranks):
-        out.append(_normalize(P[off:off + c, :r, :r], normalize).to(g.dtype).contiguous())
+    for g, c, r, factor in zip(grams_list, counts, ranks, factors):
+        out.append(_finish(W[off:off + c, :r, :r], normalize, factor).to(g.dtype))
         off += c
     return out
