@@ -67,9 +67,11 @@ def target_layers(model) -> dict:
     return {n: m for n, m in model.named_modules() if n.split(".")[-1] in TARGETS}
 
 
-def summed_grads(model, batches, layers: dict, to: torch.device) -> dict:
+def summed_grads(model, batches, layers: dict, to: torch.device, loss=None) -> dict:
     """{name: fp32 sum over the batches of dL/dW}, for the named layers only (every other weight frozen),
-    accumulated on `to` by a hook as each gradient is formed (the reference's procedure with `to` = cpu)."""
+    accumulated on `to` by a hook as each gradient is formed (the reference's procedure with `to` = cpu).
+    loss(model, batch): this script's loss_fn unless given (benchmarks/spectral_vs_peft.py gives its own)."""
+    loss = loss_fn if loss is None else loss
     model.requires_grad_(False)
     sums = {}
 
@@ -85,7 +87,7 @@ def summed_grads(model, batches, layers: dict, to: torch.device) -> dict:
         m.weight.requires_grad_(True)
         handles.append(m.weight.register_post_accumulate_grad_hook(hook(n)))
     for ids in batches:
-        loss_fn(model, ids).backward()
+        loss(model, ids).backward()
     for h in handles:
         h.remove()
     model.requires_grad_(False)

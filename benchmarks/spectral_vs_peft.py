@@ -158,25 +158,8 @@ def run_reference(model, targets, batches, loss_fn, r: int, q: int, niter: int):
 
 def autograd_gradients(model, lin: dict, batches, loss_fn) -> dict:
     """{name: sum over batches of dL/dW} (fp32), accumulated by a hook as each gradient is formed."""
-    model.requires_grad_(False)
-    sums = {}
-
-    def hook(name):
-        def move(p):
-            sums[name] = sums[name] + p.grad if name in sums else p.grad.clone()
-            p.grad = None
-        return move
-
-    handles = []
-    for n, m in lin.items():
-        m.weight.requires_grad_(True)
-        handles.append(m.weight.register_post_accumulate_grad_hook(hook(n)))
-    for b in batches:
-        loss_fn(model, b).backward()
-    for h in handles:
-        h.remove()
-    model.requires_grad_(False)
-    return sums
+    from spectral_init_bench import summed_grads  # the reference's capture, with this script's loss
+    return summed_grads(model, batches, lin, next(model.parameters()).device, loss_fn)
 
 
 def run_variant(variant: str, model_name: str, quick: bool, r: int) -> dict:
