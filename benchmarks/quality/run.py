@@ -344,6 +344,15 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _save(plt, fig, ax, path: Path) -> Path:
+    """Legend, layout, the PNG at `path`, the figure closed; returns path."""
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def figures(result: dict, out: Path) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
@@ -368,12 +377,7 @@ def figures(result: dict, out: Path) -> list[Path]:
             ax.axhline(tr["baseline_final_acc"] * 100, color="k", lw=0.8, ls=":", label="baseline final")
         ax.set(xlabel="optimizer step", ylabel="test accuracy (%)",
                title=f"{tname}: test accuracy at each recipe's best lr (mean ± std, {len(tr['seeds'])} seeds)")
-        ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        p = out / f"curves_{tname}.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(_save(plt, fig, ax, out / f"curves_{tname}.png"))
 
         fig, ax = plt.subplots(figsize=(8, 5))
         for i, (name, rr) in enumerate(tr["recipes"].items()):
@@ -390,12 +394,7 @@ def figures(result: dict, out: Path) -> list[Path]:
         ax.set_xscale("log")
         ax.set(xlabel="learning rate (adapters)", ylabel="final test accuracy (%)",
                title=f"{tname}: final accuracy vs lr (mean ± std over seeds)")
-        ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        p = out / f"lr_{tname}.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(_save(plt, fig, ax, out / f"lr_{tname}.png"))
     return paths
 
 
